@@ -1,0 +1,49 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both install into .venv.
+# The PyTorch build is pinned in one place, constraints/cpu.txt; use another file with
+# `make CONSTRAINTS=path/to/yours.txt ...` (for example to get a CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints/cpu.txt
+BIN := $(VENV)/bin
+WORKERS ?= 2
+DEMO_OUT ?= demo-output
+
+.PHONY: demo test lint typecheck bench install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[all]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/distinfer run --model minilm --input examples/kjv-verses.txt \
+		--output $(DEMO_OUT) --workers $(WORKERS) --overwrite
+	$(BIN)/python -c "import pyarrow.dataset as ds; t = ds.dataset('$(DEMO_OUT)').to_table(); \
+		print(f'{t.num_rows} embeddings of width', t.schema.field('embedding').type.list_size, 'in $(DEMO_OUT)/')"
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q tests
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/batch_minilm.py
+	$(BIN)/python benchmarks/scheduler_events.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""The public Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .config import RunConfig
+from .report import JobReport
+
+__all__ = ["bench", "run"]
+
+
+def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
+    """Run a batch job: every input row's prediction, written to a Parquet data set.
+
+    Give a `RunConfig`, or its fields as keywords (keywords override the config's fields)::
+
+        report = distinfer.run(model="minilm", input="corpus.txt", output="out/", workers=2)
+        print(report.throughput)
+
+    Raises a `distinfer.DistinferError` subclass with a one-line message on bad input,
+    an unusable model or output directory, or a job that cannot finish.
+    """
+    from .runtime.driver import run_job
+
+    if config is None:
+        config = RunConfig.build(options)
+    elif options:
+        config = RunConfig.build({**_as_dict(config), **options})
+    return run_job(config)
+
+
+def bench(
+    model: str,
+    input: str,
+    rows: int = 512,
+    threads: int = 1,
+    batch_size: int = 64,
+    column: str | None = None,
+    input_format: str | None = None,
+) -> float:
+    """Single-worker throughput (rows/s) of `model` on the first `rows` rows of `input`,
+    in this process with `threads` threads: the baseline for the scaling efficiency."""
+    from .data.sources import open_source, plan_blocks, read_block
+    from .models.base import StageTimer, run_block
+    from .models.registry import load_runner, parse_model
+    from .runtime.replica import limit_threads
+
+    limit_threads(threads)
+    spec = parse_model(model)
+    source = open_source(input, input_format)
+    runner = load_runner(spec, threads)
+    binding = runner.bind(source.columns, column)
+    blocks = plan_blocks(source, max(rows, 1), max(rows, 1))
+    if not blocks:
+        return 0.0
+    columns = read_block(source, blocks[0], list(dict.fromkeys(binding.values())))
+    inputs = {name: columns[col] for name, col in binding.items()}
+    warm = {name: value[:batch_size] for name, value in inputs.items()}
+    run_block(runner, warm, batch_size, StageTimer())
+    start = time.perf_counter()
+    run_block(runner, inputs, batch_size, StageTimer())
+    return blocks[0].rows / (time.perf_counter() - start)
+
+
+def _as_dict(config: RunConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}

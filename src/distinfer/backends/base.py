@@ -1,0 +1,50 @@
+"""The backend interface: how the driver starts replicas, talks to them and hears back.
+
+A backend knows processes (or actors), never blocks or scheduling policy: the driver turns
+the scheduler's actions into `start`/`send`/`stop` calls and feeds what `receive` returns
+back to the scheduler as events.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..runtime.messages import AssignBlock, CancelBlock, WorkerMessage, WorkerSpec
+
+__all__ = ["Backend", "WorkerGone"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGone:
+    """The backend lost a worker (process died, actor or node lost)."""
+
+    worker: int
+    reason: str
+
+
+class Backend(ABC):
+    """Start, talk to and stop workers; one instance per job."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def start(self, worker: int) -> None:
+        """Start worker `worker` (asynchronously: it reports WorkerReady when loaded)."""
+
+    @abstractmethod
+    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
+        """Deliver a message; a worker that is gone is reported by `receive`, not here."""
+
+    @abstractmethod
+    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
+        """Messages and losses that arrived, waiting at most `timeout` seconds for the first."""
+
+    @abstractmethod
+    def stop(self, worker: int) -> None:
+        """Ask a worker to exit once its current block is done; no more messages from it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop every worker, forcibly if it does not exit promptly."""

@@ -1,0 +1,176 @@
+"""The embedded default backend: N worker processes on this machine (spawn start method).
+
+Each worker has its own duplex pipe; the driver waits on all pipes and all process
+sentinels at once, so a worker killed mid-job (even mid-message) is noticed at once and
+only its own pipe is lost. A worker drains its pipe before each block, so a `CancelBlock`
+for a queued block lands before the block starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import signal
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ..runtime.messages import (
+    AssignBlock,
+    BlockStarting,
+    BlockUnfinished,
+    CancelBlock,
+    StopWorker,
+    WorkerMessage,
+    WorkerSpec,
+    WorkerUnusable,
+)
+from .base import Backend, WorkerGone
+
+__all__ = ["LocalBackend"]
+
+
+def _worker_main(worker: int, spec: WorkerSpec, conn: Connection) -> None:
+    entered = time.perf_counter()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    try:
+        _serve(worker, spec, conn, entered)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # the driver stopped or went away: nothing left to report to
+
+
+def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> None:
+    from ..runtime.replica import Replica, error_info, limit_threads
+
+    limit_threads(spec.threads)
+    try:
+        replica = Replica(worker, spec, entered)
+    except Exception as exc:
+        conn.send(WorkerUnusable(worker, error_info(exc)))
+        return
+    conn.send(replica.ready_message())
+    queue: deque[AssignBlock] = deque()
+    while True:
+        waited = 0.0
+        while not queue or conn.poll():
+            t = time.perf_counter()
+            message = conn.recv()
+            waited += time.perf_counter() - t if not queue else 0.0
+            if isinstance(message, StopWorker):
+                return
+            if isinstance(message, AssignBlock):
+                queue.append(message)
+            elif isinstance(message, CancelBlock):
+                queue = deque(m for m in queue if m.block.id != message.block_id)
+        block = queue.popleft().block
+        conn.send(BlockStarting(worker, block.id))
+        try:
+            conn.send(replica.run(block, waited))
+        except Exception as exc:
+            conn.send(BlockUnfinished(worker, block.id, error_info(exc)))
+
+
+class LocalBackend(Backend):
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self._ctx = mp.get_context("spawn")
+        self._procs: dict[int, BaseProcess] = {}
+        self._conns: dict[int, Connection] = {}
+        self._stopping: list[BaseProcess] = []  # told to stop, not yet joined
+
+    def start(self, worker: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main, args=(worker, self.spec, child), name=f"distinfer-worker-{worker}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._procs[worker] = proc
+        self._conns[worker] = parent
+
+    def pid(self, worker: int) -> int | None:
+        proc = self._procs.get(worker)
+        return proc.pid if proc is not None else None
+
+    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
+        conn = self._conns.get(worker)
+        if conn is None:
+            return
+        try:
+            conn.send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the sentinel reports the death
+
+    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
+        handles: dict[Any, tuple[str, int]] = {}
+        for worker, conn in self._conns.items():
+            handles[conn] = ("conn", worker)
+            handles[self._procs[worker].sentinel] = ("proc", worker)
+        if not handles:
+            time.sleep(timeout)
+            return []
+        out: list[WorkerMessage | WorkerGone] = []
+        for handle in wait(list(handles), timeout):
+            kind, worker = handles[handle]
+            if worker not in self._conns:
+                continue  # already reported gone in this round
+            if kind == "conn":
+                try:
+                    out.append(self._conns[worker].recv())
+                    continue
+                except (EOFError, OSError):
+                    pass  # a dead or half-written pipe: read the process's fate below
+            out.extend(self._drain(worker))
+            out.append(WorkerGone(worker, self._fate(worker)))
+            self._forget(worker)
+        return out
+
+    def _drain(self, worker: int) -> list[WorkerMessage]:
+        """Messages a worker sent before it died are still real (its parts are written)."""
+        conn = self._conns[worker]
+        got: list[WorkerMessage] = []
+        try:
+            while conn.poll():
+                got.append(conn.recv())
+        except (EOFError, OSError):
+            pass
+        return got
+
+    def _fate(self, worker: int) -> str:
+        proc = self._procs[worker]
+        proc.join(timeout=1.0)
+        code = proc.exitcode
+        if code is None:
+            return "worker stopped answering"
+        if code < 0:
+            return f"worker {worker} (pid {proc.pid}) was killed by {signal.Signals(-code).name}"
+        return f"worker {worker} (pid {proc.pid}) exited with code {code}"
+
+    def _forget(self, worker: int) -> None:
+        conn = self._conns.pop(worker)
+        conn.close()
+        self._procs.pop(worker)
+
+    def stop(self, worker: int) -> None:
+        conn = self._conns.get(worker)
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.send(StopWorker())
+        self._stopping.append(self._procs.pop(worker))
+        self._conns.pop(worker).close()
+
+    def close(self) -> None:
+        for worker in list(self._conns):
+            self.stop(worker)
+        procs, self._stopping = self._stopping, []
+        deadline = time.monotonic() + 5.0
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)

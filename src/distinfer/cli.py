@@ -1,0 +1,133 @@
+"""`distinfer` command line: arguments → config → api. Errors print one line, exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ConfigError, DistinferError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _run_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a model over a data set with several workers",
+        description=(
+            "Run MODEL over every row of INPUT with several workers and write the predictions "
+            "to DIR as a Parquet data set (a 'row' column with the 0-based input row, one column "
+            "per model output). Running the same command again resumes an interrupted job."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", metavar="FILE", help="job file (.toml/.yaml) with these options; flags override it")
+    p.add_argument("--model", "-m", help="built-in model (minilm), an .onnx file, a TorchScript/.pt2 file, or package.module:factory")
+    p.add_argument("--input", "-i", help="input file: .txt (a row per line), .jsonl, .csv, .parquet, .npy")
+    p.add_argument("--output", "-o", metavar="DIR", help="output directory (Parquet data set, _manifest.json, _report.json)")
+    p.add_argument("--workers", "-w", type=int, help="worker processes (default 2)")
+    p.add_argument("--threads-per-worker", type=int, help="threads per worker (default: cores divided among workers)")
+    p.add_argument("--batch-size", type=int, help="rows per model call (default 64)")
+    p.add_argument("--block-size", type=int, help="rows per block, the unit of scheduling and of output files (default 1024)")
+    p.add_argument("--min-block-size", type=int, help="rows in the first and last blocks, so results start fast and the tail balances (default: batch size)")
+    p.add_argument("--column", "--field", dest="column", help="input column/field to feed the model (default: 'text', the only column, or the columns named like the model inputs)")
+    p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
+    p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
+    p.add_argument("--backend", choices=["local"], help="where workers run (default local processes)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device for the model (default cpu)")
+    p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
+    p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
+    p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure one worker's throughput (the baseline for scaling efficiency)",
+        description="Measure the throughput of one worker in this process, to pass as --baseline-throughput.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", "-m", required=True, help="as for 'distinfer run'")
+    p.add_argument("--input", "-i", required=True, help="as for 'distinfer run'")
+    p.add_argument("--rows", type=int, default=512, help="rows to time (after one warm-up batch)")
+    p.add_argument("--threads", type=int, default=1, help="threads of the one worker")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per model call")
+    p.add_argument("--column", "--field", dest="column", default=None, help="input column")
+    p.add_argument("--input-format", default=None, help="input format when the suffix does not tell")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distinfer",
+        description="Distributed inference of PyTorch and ONNX models over many workers.",
+    )
+    parser.add_argument("--version", action="version", version="distinfer 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _run_parser(sub)
+    _bench_parser(sub)
+    sub.add_parser("models", help="list the built-in models")
+    return parser
+
+
+def _cmd_run(args: dict[str, Any]) -> int:
+    from .api import run
+    from .config import RunConfig, load_job_file
+
+    options: dict[str, Any] = {}
+    if "config" in args:
+        options.update(load_job_file(args.pop("config")))
+    options.update(args)
+    report = run(RunConfig.build(options))
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args: dict[str, Any]) -> int:
+    from .api import bench
+
+    rate = bench(
+        args["model"], args["input"], rows=args["rows"], threads=args["threads"],
+        batch_size=args["batch_size"], column=args["column"], input_format=args["input_format"],
+    )
+    print(f"{rate:.1f} rows/s with one worker x {args['threads']} thread(s)")
+    print(f"pass --baseline-throughput {rate:.1f} to 'distinfer run' for the scaling efficiency")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    debug = bool(args.pop("debug", False))
+    try:
+        if command == "run":
+            return _cmd_run(args)
+        if command == "bench":
+            return _cmd_bench(args)
+        from .models.registry import ZOO
+
+        for name, text in ZOO.items():
+            print(f"{name:10s} {text}")
+        return 0
+    except KeyboardInterrupt:
+        print("distinfer: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DistinferError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"distinfer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Job configuration: one frozen `RunConfig`, built from defaults, a job file and flags.
+
+Precedence: defaults < job file (`--config job.toml|yaml`) < command-line flags. Option
+names are the long flag names with `_` or `-` (`batch_size` or `batch-size`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+
+__all__ = ["RunConfig", "load_job_file"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything a batch job needs. Only `model`, `input` and `output` are required."""
+
+    model: str
+    input: str
+    output: str
+    workers: int = 2
+    threads_per_worker: int | None = None  # None: the machine's cores divided among workers
+    batch_size: int = 64
+    block_size: int = 1024  # rows per block once the job is under way
+    min_block_size: int | None = None  # first and last blocks; None: batch_size
+    column: str | None = None
+    input_format: str | None = None
+    overwrite: bool = False
+    backend: str = "local"
+    device: str = "cpu"
+    prefetch: int = 2
+    max_restarts: int = 3
+    start_timeout_s: float = 600.0
+    baseline_throughput: float | None = None  # rows/s of one worker, for the efficiency figure
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        for name in ("model", "input", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"missing --{name}; see 'distinfer run --help'")
+        positive = {
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "prefetch": self.prefetch,
+            "threads_per_worker": self.threads_per_worker or 1,
+            "min_block_size": self.min_block_size or 1,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.min_block_size is not None and self.min_block_size > self.block_size:
+            raise ConfigError("--min-block-size must not exceed --block-size")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+
+    @property
+    def threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def first_block_size(self) -> int:
+        return min(self.min_block_size or self.batch_size, self.block_size)
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any]) -> RunConfig:
+        """Make a config from a mapping of option names (unknown names are an error)."""
+        known = {f.name for f in fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown option '{key}'; known options: {', '.join(sorted(known))}"
+                )
+            clean[name] = value
+        missing = [n for n in ("model", "input", "output") if clean.get(n) in (None, "")]
+        if missing:
+            raise ConfigError(
+                f"missing --{missing[0]}; give it as a flag or in the job file "
+                "(see 'distinfer run --help')"
+            )
+        try:
+            return cls(**clean)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def with_options(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes)
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML job file; options may sit at the top level or under [run]."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"job file '{path}' does not exist; check --config")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"job file '{path}' must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"job file '{path}' is not valid: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module load
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"job file '{path}' is not valid YAML: {exc}".splitlines()[0]) from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file '{path}' must hold a table of options")
+    section = data.get("run", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"job file '{path}': [run] must be a table of options")
+    base = file.parent
+    resolved = dict(section)
+    for key in ("input", "output"):  # relative paths in a job file are relative to the file
+        value = resolved.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+            resolved[key] = str(base / value)
+    model = resolved.get("model")
+    model_file = isinstance(model, str) and model.endswith((".onnx", ".pt", ".pth", ".pt2", ".ts"))
+    if model_file and isinstance(model, str) and not os.path.isabs(model):
+        resolved["model"] = str(base / model)
+    return resolved

@@ -1,0 +1,253 @@
+"""Per-format opening (columns and row count, by streaming) and reading of one block.
+
+Line formats read exactly their block's byte range; Parquet decodes the row group holding the
+block (cached, since a worker's consecutive blocks often share one); .npy slices a memory map.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import functools
+import io
+import itertools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distinfer.data._columns import Column, arrow_column, csv_column, json_column, parse_numbers
+from distinfer.data._scan import count_ends, count_records, record_offsets
+from distinfer.data._spec import SourceSpec, changed, describe_row, name_of
+from distinfer.data.blocks import Block
+from distinfer.errors import InputError
+
+__all__ = ["OPENERS", "READERS", "group_bounds"]
+
+_SAMPLE_BYTES = 1 << 20
+Opened = tuple[tuple[str, ...], int, tuple[str, ...]]  # columns, rows, numeric CSV columns
+
+
+def _read_bytes(path: str, start: int, stop: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(stop - start)
+    # a UTF-8 byte order mark is not part of the first row
+    return data[len(codecs.BOM_UTF8):] if start == 0 and data.startswith(codecs.BOM_UTF8) else data
+
+
+def _json_reason(exc: ValueError) -> str:
+    # the decoder's own "line 1 column 7" would contradict our file line number
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+
+
+def _open_text(path: str) -> Opened:
+    return ("text",), count_records(path, quoted=False)[0], ()
+
+
+def _open_jsonl(path: str) -> Opened:
+    rows = count_records(path, quoted=False)[0]
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if line.strip():
+                break
+        else:
+            if rows:
+                raise InputError(f"{name_of(path)} line 1 is blank; each line must hold one JSON "
+                                 "object")
+            return (), 0, ()
+    try:
+        first = json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"{name_of(path)} line {number} is not valid JSON ({_json_reason(exc)}); "
+                         "fix that line") from None
+    if not isinstance(first, dict):
+        raise InputError(f"{name_of(path)} line {number} is not a JSON object; each line must be "
+                         'one object such as {"text": "..."}')
+    return tuple(first), rows, ()
+
+
+def _parse_csv(data: bytes, name: str, first_record: int) -> list[list[str]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        record = first_record + count_ends(data[: exc.start], quoted=True)
+        where = f"record {record}" if record else "header (line 1)"
+        raise InputError(f"{name} {where} is not valid UTF-8; "
+                         "re-encode the file as UTF-8") from None
+    try:
+        return list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise InputError(f"{name} near record {first_record} cannot be parsed as CSV ({exc}); "
+                         "check its quoting") from None
+
+
+def _open_csv(path: str) -> Opened:
+    name = name_of(path)
+    records, open_quote = count_records(path, quoted=True)
+    if not records:
+        raise InputError(f"{name} is empty; a CSV input needs a header row naming its columns")
+    if open_quote:
+        where = f"record {records - 1}" if records > 1 else "the header"
+        raise InputError(f'{name} ends inside a quoted field that starts in {where}; close the '
+                         'quote, and write a quote inside a field as ""')
+    header_end = next(record_offsets(path, [1], quoted=True))
+    header = _parse_csv(_read_bytes(path, 0, header_end), name, 0)
+    columns = tuple(header[0]) if header else ()
+    if not any(columns):
+        raise InputError(f"{name} has an empty header row (line 1); the first line must name "
+                         "the columns")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise InputError(f"{name} header names column '{repeated[0]}' more than once; "
+                         "rename it so each column has its own name")
+    # decide each column's type once, from the first rows, so every block agrees
+    size = os.path.getsize(path)
+    data = _read_bytes(path, header_end, min(header_end + _SAMPLE_BYTES, size))
+    cut = header_end + len(data) < size
+    if cut:
+        data = data[: data.rfind(b"\n") + 1]  # never split a UTF-8 character
+    sample = _parse_csv(data, name, 1)[: -1 if cut else None]
+    sample = [r for r in sample if len(r) == len(columns)]
+    numeric = tuple(c for j, c in enumerate(columns)
+                    if sample and parse_numbers([r[j] for r in sample]) is not None)
+    return columns, records - 1, numeric
+
+
+def _open_parquet(path: str) -> Opened:
+    try:
+        with pq.ParquetFile(path) as file:
+            return tuple(file.schema_arrow.names), file.metadata.num_rows, ()
+    except pa.ArrowException as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{name_of(path)} is not a readable Parquet file ({reason}); "
+                         "check --input or --input-format") from None
+
+
+def _open_npy(path: str) -> Opened:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise InputError(f"{name_of(path)} is not a readable .npy array ({exc}); "
+                         "save it with numpy.save, without object dtype") from None
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{name_of(path)} is not a single .npy array; save it with numpy.save")
+    if array.ndim == 0:
+        raise InputError(f"{name_of(path)} holds a single value (a 0-d array); it needs one row "
+                         "per input along its first axis")
+    return ("array",), int(array.shape[0]), ()
+
+
+OPENERS: dict[str, Callable[[str], Opened]] = {
+    "text": _open_text, "jsonl": _open_jsonl, "csv": _open_csv,
+    "parquet": _open_parquet, "npy": _open_npy,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def group_bounds(path: str, mtime_ns: int) -> tuple[int, ...]:
+    with pq.ParquetFile(path) as file:
+        sizes = (file.metadata.row_group(g).num_rows for g in range(file.num_row_groups))
+        return tuple(itertools.accumulate(sizes, initial=0))
+
+
+def _lines(spec: SourceSpec, block: Block) -> list[bytes]:
+    lines = _read_bytes(spec.path, block.byte_start, block.byte_stop).split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    if len(lines) != block.rows:
+        raise changed(spec)
+    return lines
+
+
+def _read_text(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+    texts: list[str] = []
+    for i, line in enumerate(_lines(spec, block)):
+        try:
+            texts.append(line.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{describe_row(spec, block.start + i)} is not valid UTF-8 text; "
+                             "re-encode the file as UTF-8") from None
+    return {"text": texts} if columns else {}
+
+
+def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+    def where(i: int) -> str:
+        return describe_row(spec, block.start + i)
+
+    values: dict[str, list[Any]] = {c: [] for c in columns}
+    for i, line in enumerate(_lines(spec, block)):
+        if not line.strip():
+            raise InputError(f"{where(i)} is blank; each line must hold one JSON object "
+                             "(remove blank lines)")
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{where(i)} is not valid JSON ({_json_reason(exc)}); "
+                             "fix that line") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where(i)} is not a JSON object; each line must be one object "
+                             'such as {"text": "..."}')
+        for column in columns:
+            if column not in row:
+                raise InputError(f"{where(i)} has no field '{column}'; every line needs the "
+                                 "fields picked with --column")
+            values[column].append(row[column])
+    return {c: json_column(v, c, where) for c, v in values.items()}
+
+
+def _read_csv(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+    def where(i: int) -> str:
+        return describe_row(spec, block.start + i)
+
+    data = _read_bytes(spec.path, block.byte_start, block.byte_stop)
+    records = _parse_csv(data, name_of(spec.path), block.start + 1)
+    if len(records) != block.rows:
+        raise InputError(f"{where(0)} to {block.stop} do not parse as {block.rows} records; "
+                         "check their quoting (a stray quote or carriage return)")
+    for i, record in enumerate(records):
+        if len(record) != len(spec.columns):
+            raise InputError(f"{where(i)} has {len(record)} fields but the header has "
+                             f"{len(spec.columns)}; fix that record (blank lines are not allowed)")
+    index = {c: j for j, c in enumerate(spec.columns)}
+    return {c: csv_column([r[index[c]] for r in records], c in spec.numeric, c, where)
+            for c in columns}
+
+
+@functools.lru_cache(maxsize=1)
+def _row_group(path: str, mtime_ns: int, group: int, columns: tuple[str, ...]) -> Any:
+    # consecutive blocks of one worker often share a row group: decode it once
+    with pq.ParquetFile(path) as file:
+        return file.read_row_group(group, columns=list(columns))
+
+
+def _read_parquet(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+    bounds = group_bounds(spec.path, spec.mtime_ns)
+    pieces = []
+    for group, (first, stop) in enumerate(itertools.pairwise(bounds)):
+        if first < block.stop and block.start < stop:
+            table = _row_group(spec.path, spec.mtime_ns, group, tuple(columns))
+            low, high = max(first, block.start), min(stop, block.stop)
+            pieces.append(table.slice(low - first, high - low))
+    table = pa.concat_tables(pieces)
+    return {c: arrow_column(table.column(c), c, lambda i: describe_row(spec, block.start + i))
+            for c in columns}
+
+
+def _read_npy(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+    array = np.load(spec.path, mmap_mode="r", allow_pickle=False)
+    return {"array": np.array(array[block.start : block.stop])} if columns else {}
+
+
+READERS: dict[str, Callable[[SourceSpec, Block, list[str]], dict[str, Column]]] = {
+    "text": _read_text, "jsonl": _read_jsonl, "csv": _read_csv,
+    "parquet": _read_parquet, "npy": _read_npy,
+}

@@ -1,0 +1,242 @@
+"""Output: one Parquet part per block, plus a manifest that makes a job resumable.
+
+The output directory is itself a Parquet data set (`pyarrow.dataset.dataset(DIR)`,
+`pandas.read_parquet(DIR)`), so every other file we keep there starts with `_` or `.`, which
+Parquet readers skip. Parts are written under a temporary name and renamed into place, so a
+reader or a resumed job sees either a whole part or none; the manifest is replaced the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distinfer.data.blocks import Block
+from distinfer.errors import OutputError
+
+__all__ = [
+    "MANIFEST",
+    "REPORT",
+    "Manifest",
+    "part_name",
+    "prepare_output",
+    "remove_temp_parts",
+    "write_part",
+]
+
+MANIFEST = "_manifest.json"
+REPORT = "_report.json"
+_PART = re.compile(r"part-(\d{6,})\.parquet")
+_TEMP = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.json|_report\.json)\.\w+\.tmp")
+
+
+def part_name(block_id: int) -> str:
+    """File name of a block's part: "part-000012.parquet" (more digits past 999999)."""
+    return f"part-{block_id:06d}.parquet"
+
+
+def _temp_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, f".{name}.{uuid.uuid4().hex}.tmp")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"cannot remove '{path}' ({exc.strerror}); "
+                          "check the output directory's permissions") from None
+
+
+def _arrow(name: str, values: npt.NDArray[Any]) -> Any:
+    """Shape (n, *S) → a column of n values, each S-shaped as nested fixed-size lists."""
+    shape = values.shape[1:]
+    if 0 in shape:
+        raise OutputError(f"model output '{name}' has an empty dimension (shape {values.shape}); "
+                          "it cannot be stored")
+    array = pa.array(np.ascontiguousarray(values).reshape(-1))
+    for size in reversed(shape):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
+
+
+def write_part(
+    out_dir: str, block_id: int, rows: npt.NDArray[Any], outputs: Mapping[str, npt.NDArray[Any]]
+) -> str:
+    """Write a block's rows and outputs as one Parquet part, atomically; return its path."""
+    if "row" in outputs:
+        raise OutputError("model output 'row' clashes with the row-index column; "
+                          "rename that output")
+    columns = {"row": pa.array(np.asarray(rows, dtype=np.int64))}
+    for name, values in outputs.items():
+        if len(values) != len(rows):
+            raise ValueError(f"output '{name}' has {len(values)} rows for {len(rows)} input rows")
+        columns[name] = _arrow(name, values)
+    table = pa.table(columns)
+    final = os.path.join(out_dir, part_name(block_id))
+    temp = _temp_path(out_dir, part_name(block_id))
+    # float outputs (embeddings, logits) rarely repeat, so dictionary pages only cost time;
+    # snappy costs about nothing on floats and shrinks the row index and strings
+    dictionary = [name for name, values in outputs.items() if values.dtype.kind not in "fc"]
+    try:
+        pq.write_table(table, temp, compression="snappy", use_dictionary=dictionary,
+                       row_group_size=max(1, len(rows)))
+        os.replace(temp, final)
+    except OSError as exc:
+        _remove(temp)
+        raise OutputError(f"cannot write '{final}' ({exc.strerror or exc}); check free space "
+                          "and permissions of the output directory") from None
+    return final
+
+
+def _write_json(out_dir: str, name: str, data: Any) -> None:
+    temp, final = _temp_path(out_dir, name), os.path.join(out_dir, name)
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut must not leave an empty manifest behind
+        os.replace(temp, final)
+    except OSError as exc:
+        _remove(temp)
+        raise OutputError(f"cannot write '{final}' ({exc.strerror}); check free space and "
+                          "permissions of the output directory") from None
+
+
+@dataclass
+class Manifest:
+    """A job's identity and the blocks already written; saved as DIR/_manifest.json."""
+
+    job: dict[str, Any]
+    blocks: int
+    committed: dict[int, int] = field(default_factory=dict)
+    complete: bool = False
+
+    def save(self, out_dir: str) -> None:
+        committed = {str(k): v for k, v in sorted(self.committed.items())}
+        _write_json(out_dir, MANIFEST, {"job": self.job, "blocks": self.blocks,
+                                        "committed": committed, "complete": self.complete})
+
+    @classmethod
+    def load(cls, out_dir: str) -> Manifest | None:
+        path = os.path.join(out_dir, MANIFEST)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            manifest = cls(data["job"], data["blocks"],
+                           {int(k): int(v) for k, v in data["committed"].items()},
+                           data["complete"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise OutputError(f"'{path}' cannot be read ({type(exc).__name__}: {exc}); use "
+                              "--overwrite to start over or choose another --output") from None
+        if not (isinstance(manifest.job, dict) and isinstance(manifest.blocks, int)
+                and isinstance(manifest.complete, bool)):
+            raise OutputError(f"'{path}' is corrupt; use --overwrite to start over or "
+                              "choose another --output")
+        return manifest
+
+
+def remove_temp_parts(out_dir: str) -> None:
+    """Delete temporary files left by writers that died before their rename."""
+    for name in os.listdir(out_dir):
+        if _TEMP.fullmatch(name):
+            _remove(os.path.join(out_dir, name))
+
+
+def _ours(name: str) -> bool:
+    return name in (MANIFEST, REPORT) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
+
+
+def _make_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"output '{out_dir}' exists and is not a directory; "
+                          "choose another --output")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output directory '{out_dir}' ({exc.strerror}); "
+                          "choose another --output") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory '{out_dir}' is not writable; "
+                          "fix its permissions or choose another --output")
+
+
+def _footer_rows(path: str) -> int | None:
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _resume(out_dir: str, old: Manifest, blocks: Sequence[Block], names: list[str]) -> Manifest:
+    """Keep the parts that are on disk and whole; delete the rest so they are recomputed."""
+    plan = {block.id: block for block in blocks}
+    committed: dict[int, int] = {}
+    for name in names:
+        match = _PART.fullmatch(name)
+        if not match:
+            continue
+        block = plan.get(int(match[1]))
+        path = os.path.join(out_dir, name)
+        # a part missing from the manifest was renamed just before the driver died
+        if block is not None and name == part_name(block.id) and (
+            old.committed.get(block.id) == block.rows or _footer_rows(path) == block.rows
+        ):
+            committed[block.id] = block.rows
+        else:
+            _remove(path)
+    return Manifest(old.job, len(blocks), committed, old.complete and len(committed) == len(plan))
+
+
+def prepare_output(
+    out_dir: str, job: dict[str, Any], blocks: Sequence[Block], overwrite: bool
+) -> Manifest:
+    """Make DIR ready for `job`: fresh, resumed from its manifest, or refused; save the manifest.
+
+    `--overwrite` always starts afresh, deleting only distinfer's own files in DIR.
+    """
+    _make_dir(out_dir)
+    remove_temp_parts(out_dir)
+    job = json.loads(json.dumps(job))  # compare the job as it reads back from the manifest
+    try:
+        old = Manifest.load(out_dir)
+    except OutputError:
+        if not overwrite:
+            raise
+        old = None
+    names = sorted(os.listdir(out_dir))
+    if old is not None and old.job != job and not overwrite:
+        raise OutputError(f"output directory '{out_dir}' holds another job's output (model "
+                          f"{old.job.get('model', '?')}, input {old.job.get('input', '?')}); "
+                          "use --overwrite to replace it or choose another --output")
+    # dot files (.DS_Store, ...) are invisible to Parquet readers, so they do no harm
+    visible = [name for name in names if not name.startswith(".")]
+    if old is None and visible and not overwrite:
+        if all(_ours(name) for name in visible):
+            raise OutputError(f"output directory '{out_dir}' holds distinfer files but no "
+                              f"{MANIFEST}, so they cannot be resumed; use --overwrite to "
+                              "replace them or choose another --output")
+        raise OutputError(f"output directory '{out_dir}' is not empty and holds no distinfer "
+                          "job; choose an empty or new --output")
+    if old is None or overwrite:
+        for name in names:
+            if _ours(name):
+                _remove(os.path.join(out_dir, name))
+        manifest = Manifest(job, len(blocks), {})
+    else:
+        manifest = _resume(out_dir, old, blocks, names)
+    manifest.save(out_dir)
+    return manifest

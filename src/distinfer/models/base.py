@@ -1,0 +1,101 @@
+"""The one door every model goes through: a `Runner` loaded once per worker process.
+
+A runner binds model inputs to input columns, turns a block of rows into model batches
+(`prepare`), runs one batch (`forward`) and hands back named numpy outputs. `run_block`
+does the rest the same way for every model: it times each stage and puts results back in
+input order when `prepare` reordered rows (text models sort by length to save padding).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelInputError
+
+__all__ = ["Batches", "Column", "Runner", "StageTimer", "run_block"]
+
+Column = list[str] | np.ndarray
+
+
+@dataclass
+class Batches:
+    """Model-ready batches for one block. `order[i]` is the block row of result row i."""
+
+    batches: list[Any]
+    order: np.ndarray | None = None
+
+
+@dataclass
+class StageTimer:
+    """Seconds spent per stage of a worker's loop (read, preprocess, model, ...)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + (now - since)
+        return now
+
+
+class Runner(ABC):
+    """A loaded model. Subclasses load in `__init__`, once per process."""
+
+    #: model inputs, in the model's order; text models have the single input "text"
+    input_names: tuple[str, ...]
+
+    def bind(self, columns: Sequence[str], column: str | None) -> dict[str, str]:
+        """Map each model input to a source column, or raise ModelInputError saying how to fix it."""
+        available = ", ".join(columns) or "none"
+        if column is not None:
+            if len(self.input_names) != 1:
+                raise ModelInputError(
+                    f"the model has {len(self.input_names)} inputs "
+                    f"({', '.join(self.input_names)}) but --column names one; "
+                    "name the input columns after the model inputs instead"
+                )
+            return {self.input_names[0]: column}
+        if all(name in columns for name in self.input_names):
+            return {name: name for name in self.input_names}
+        if len(self.input_names) == 1 and len(columns) == 1:
+            return {self.input_names[0]: columns[0]}
+        missing = [n for n in self.input_names if n not in columns]
+        raise ModelInputError(
+            f"the input has no column for model input(s) {', '.join(missing)} "
+            f"(available: {available}); pick one with --column"
+        )
+
+    @abstractmethod
+    def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+        """Turn one block's input columns (keyed by model input name) into batches."""
+
+    @abstractmethod
+    def forward(self, batch: Any) -> dict[str, np.ndarray]:
+        """Run one batch; every output has the batch's rows as its first axis."""
+
+
+def run_block(
+    runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer
+) -> dict[str, np.ndarray]:
+    """Prepare, run and reassemble one block; results are in the block's row order."""
+    t = time.perf_counter()
+    prepared = runner.prepare(inputs, batch_size)
+    t = timer.add("preprocess", t)
+    pieces: list[dict[str, np.ndarray]] = []
+    for batch in prepared.batches:
+        pieces.append(runner.forward(batch))
+    t = timer.add("model", t)
+    if not pieces:
+        return {}
+    outputs = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+    if prepared.order is not None:
+        inverse = np.empty_like(prepared.order)
+        inverse[prepared.order] = np.arange(len(prepared.order))
+        outputs = {name: value[inverse] for name, value in outputs.items()}
+    timer.add("postprocess", t)
+    return outputs

@@ -1,0 +1,154 @@
+"""A BERT encoder in plain PyTorch, loaded straight from a safetensors checkpoint.
+
+Why not `transformers.AutoModel`: importing `transformers` costs seconds in every worker
+process, and a model written out here can later be cut into stages (each stage loads only
+its own layers' tensors) or sharded per attention head. The maths follows the Hugging Face
+`BertModel` exactly (post-LayerNorm blocks, exact-erf GELU, absolute positions), so outputs
+match it and `sentence-transformers` within float32 tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BertConfig", "BertEncoder", "load_bert"]
+
+
+@dataclass(frozen=True, slots=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+    @classmethod
+    def from_file(cls, path: Path) -> BertConfig:
+        raw = json.loads(path.read_text())
+        if raw.get("model_type", "bert") != "bert" or raw.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}: only BERT models with GELU are supported")
+        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(positions)[None]
+        )
+        out: torch.Tensor = self.LayerNorm(x)
+        return out
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.mlp_in = nn.Linear(h, cfg.intermediate_size)
+        self.mlp_out = nn.Linear(cfg.intermediate_size, h)
+        self.mlp_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        d = h // self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)),
+            attn_mask=mask, scale=1.0 / math.sqrt(d),
+        )
+        ctx = ctx.transpose(1, 2).reshape(b, t, h)
+        x = self.attn_norm(self.attn_out(ctx) + x)
+        out: torch.Tensor = self.mlp_norm(self.mlp_out(F.gelu(self.mlp_in(x))) + x)
+        return out
+
+
+# Checkpoint names (Hugging Face layout) of each _Layer parameter.
+_LAYER_KEYS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "mlp_in": "intermediate.dense",
+    "mlp_out": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+
+
+class BertEncoder(nn.Module):
+    """Embeddings followed by transformer layers; returns the last hidden state."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = _Embeddings(cfg)
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids)
+        # Additive mask as in transformers' sdpa path: padded keys get the dtype's minimum.
+        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def load_bert(model_dir: Path) -> BertEncoder:
+    """Build the encoder from `config.json` and fill it from `model.safetensors`."""
+    from safetensors import safe_open
+
+    cfg = BertConfig.from_file(model_dir / "config.json")
+    with torch.device("meta"):
+        model = BertEncoder(cfg)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+
+        def take(ours: str, theirs: str) -> None:
+            for suffix in ("weight", "bias"):
+                key = f"{theirs}.{suffix}"
+                if key not in names:  # some checkpoints prefix every name with "bert."
+                    key = f"bert.{key}"
+                state[f"{ours}.{suffix}"] = f.get_tensor(key)
+
+        for sub in ("LayerNorm",):
+            take(f"embeddings.{sub}", f"embeddings.{sub}")
+        for emb in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            key = f"embeddings.{emb}.weight"
+            state[key] = f.get_tensor(key if key in names else f"bert.{key}")
+        for i in range(cfg.num_hidden_layers):
+            for ours, theirs in _LAYER_KEYS.items():
+                take(f"layers.{i}.{ours}", f"encoder.layer.{i}.{theirs}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,101 @@
+"""Any ONNX file, run with ONNX Runtime on the CPU (or CUDA when asked and available).
+
+Model inputs are matched to input columns by name; the batch dimension may be dynamic;
+every model output is written. Before the first run each input is checked against the
+model's declared element type and shape so that a mismatch reads as one clear line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError, ModelInputError
+from .base import Batches, Column, Runner
+
+__all__ = ["OnnxRunner"]
+
+_ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class OnnxRunner(Runner):
+    def __init__(self, path: Path, threads: int, device: str = "cpu") -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError(
+                "ONNX models need onnxruntime; install it with: pip install 'distinfer[onnx]'"
+            ) from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load ONNX model '{path}': {first}") from None
+        self.path = path
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = tuple(self.inputs)
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def _check(self, name: str, value: np.ndarray) -> np.ndarray:
+        meta = self.inputs[name]
+        dtype = _ONNX_TYPES.get(meta.type)
+        if dtype is None:
+            raise ModelInputError(f"model input '{name}' has type {meta.type}, not supported")
+        want = list(meta.shape)
+        got = value.shape
+        fixed = [(i, d) for i, d in enumerate(want) if isinstance(d, int) and i > 0]
+        if len(got) != len(want) or any(got[i] != d for i, d in fixed):
+            shown = ["N" if i == 0 else (d if isinstance(d, int) else "?") for i, d in enumerate(want)]
+            raise ModelInputError(
+                f"model input '{name}' expects shape [{', '.join(map(str, shown))}] but the input "
+                f"column gives rows of shape {list(got[1:])}; check --column and the model"
+            )
+        if value.dtype != dtype:
+            kind_ok = np.can_cast(value.dtype, dtype, casting="same_kind") or (
+                value.dtype.kind in "iu" and np.dtype(dtype).kind == "f"
+            )
+            if not kind_ok:
+                raise ModelInputError(
+                    f"model input '{name}' expects {np.dtype(dtype).name} but the input column "
+                    f"holds {value.dtype.name}; check --column"
+                )
+            value = value.astype(dtype)
+        return value
+
+    def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+        arrays: dict[str, np.ndarray] = {}
+        for name, column in inputs.items():
+            if isinstance(column, list):
+                raise ModelInputError(
+                    f"model input '{name}' takes numbers but its column holds text; check --column"
+                )
+            arrays[name] = self._check(name, column)
+        rows = len(next(iter(arrays.values()))) if arrays else 0
+        batches = [
+            {name: a[start : start + batch_size] for name, a in arrays.items()}
+            for start in range(0, rows, batch_size)
+        ]
+        return Batches(batches)
+
+    def forward(self, batch: Any) -> dict[str, np.ndarray]:
+        results = self.session.run(None, batch)
+        return {name: np.asarray(r) for name, r in zip(self.output_names, results, strict=True)}

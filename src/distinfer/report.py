@@ -1,0 +1,181 @@
+"""What a job tells its user: a progress bar while it runs, a report when it ends.
+
+The report (`DIR/_report.json`, and a summary on stderr) gives rows, wall time and
+throughput, each worker's rows, busy fraction and where its time went (read, preprocess,
+model, postprocess, write, idle), and the scaling efficiency
+`steady throughput / (workers x single-worker throughput)` when the latter is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+__all__ = ["JobReport", "Progress", "WorkerStats"]
+
+# Stages in which a worker does the model's own work; the rest is the engine's overhead.
+MODEL_STAGES = ("preprocess", "model")
+STAGES = ("read", "preprocess", "model", "postprocess", "write", "idle")
+
+
+@dataclass
+class WorkerStats:
+    worker: int
+    pid: int = 0
+    host: str = ""
+    load_s: float = 0.0
+    rows: int = 0
+    blocks: int = 0
+    elapsed_s: float = 0.0  # from ready to its last finished block, on the worker's clock
+    seconds: dict[str, float] = field(default_factory=dict)
+    lost: str = ""  # why the worker was lost, if it was
+
+    def add_block(self, rows: int, seconds: dict[str, float], elapsed_s: float) -> None:
+        self.rows += rows
+        self.blocks += 1
+        self.elapsed_s = max(self.elapsed_s, elapsed_s)
+        for stage, value in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + value
+
+    def fractions(self) -> dict[str, float]:
+        total = self.elapsed_s or 1.0
+        out = {s: self.seconds.get(s, 0.0) / total for s in STAGES}
+        out["other"] = max(0.0, 1.0 - sum(out.values()))
+        return out
+
+    @property
+    def busy_fraction(self) -> float:
+        return 1.0 - self.fractions()["idle"] - self.fractions()["other"]
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of the worker's time outside preprocessing and the model."""
+        f = self.fractions()
+        return 1.0 - sum(f[s] for s in MODEL_STAGES)
+
+
+@dataclass
+class JobReport:
+    output_dir: str
+    model: str
+    input: str
+    backend: str
+    workers: int
+    threads_per_worker: int
+    rows: int = 0  # rows computed in this run
+    rows_total: int = 0  # rows in the input
+    rows_resumed: int = 0  # rows already committed by an earlier run
+    blocks: int = 0
+    wall_s: float = 0.0
+    startup_s: float = 0.0  # from the job's start to the first worker ready
+    first_block_s: float = 0.0  # from the job's start to the first finished block
+    restarts: int = 0
+    baseline_throughput: float | None = None
+    worker_stats: list[WorkerStats] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_throughput(self) -> float:
+        """Rows per second once the first worker was ready (start-up excluded)."""
+        span = self.wall_s - self.startup_s
+        return self.rows / span if span > 0 else 0.0
+
+    @property
+    def efficiency(self) -> float | None:
+        if not self.baseline_throughput:
+            return None
+        return self.steady_throughput / (self.workers * self.baseline_throughput)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("worker_stats")
+        data.update(
+            throughput=self.throughput,
+            steady_throughput=self.steady_throughput,
+            efficiency=self.efficiency,
+            worker_stats=[
+                {
+                    **asdict(w),
+                    "busy_fraction": w.busy_fraction,
+                    "overhead_fraction": w.overhead_fraction,
+                    "fractions": w.fractions(),
+                }
+                for w in self.worker_stats
+            ],
+        )
+        return data
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    def summary(self) -> str:
+        lines = [
+            f"distinfer: {self.rows} rows in {self.wall_s:.1f} s "
+            f"({self.throughput:.1f} rows/s; {self.steady_throughput:.1f} rows/s after "
+            f"{self.startup_s:.1f} s start-up) with {self.workers} {self.backend} workers "
+            f"x {self.threads_per_worker} threads",
+        ]
+        if self.rows_resumed:
+            lines.append(f"  resumed: {self.rows_resumed} rows were already done")
+        if self.efficiency is not None:
+            ideal = self.workers * (self.baseline_throughput or 0.0)
+            lines.append(
+                f"  scaling efficiency {self.efficiency:.0%} of the ideal {ideal:.1f} rows/s "
+                f"({self.workers} x {self.baseline_throughput:.1f})"
+            )
+        for w in self.worker_stats:
+            f = w.fractions()
+            parts = " ".join(f"{s} {f[s]:.0%}" for s in (*STAGES, "other"))
+            note = f"  LOST: {w.lost}" if w.lost else ""
+            lines.append(
+                f"  worker {w.worker} ({w.host} pid {w.pid}): {w.rows} rows, busy {w.busy_fraction:.0%}"
+                f" | {parts}{note}"
+            )
+        if self.restarts:
+            lines.append(f"  {self.restarts} worker(s) replaced")
+        lines.append(f"  output: {self.output_dir}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A one-line progress bar on a terminal: rows, rows/s, ETA. Silent elsewhere."""
+
+    def __init__(self, total: int, enabled: bool | None = None, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = total
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last_draw < 0.2):
+            return
+        self._last_draw = now
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        eta_text = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} rows "
+            f"{rate:7.1f} rows/s ETA {eta_text}"
+        )
+        self.stream.flush()
+
+    def close(self, done: int) -> None:
+        if self.enabled:
+            self.update(done, force=True)
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,1 @@
+"""Worker-side runtime: the replica, its messages, and the driver loop."""

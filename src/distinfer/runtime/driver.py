@@ -1,0 +1,198 @@
+"""The driver: plans blocks, runs the scheduler against a backend, commits the manifest.
+
+    open input → plan blocks → prepare DIR (resume: skip committed blocks)
+    → start workers → loop { backend messages → scheduler events → actions → backend }
+    → manifest complete → report
+
+The driver never touches rows: workers read their blocks and write their own parts; the
+driver records each finished block in the manifest (atomically replaced, at most a few
+times a second; parts written but not yet recorded are adopted on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+
+from ..backends import Backend, WorkerGone, make_backend
+from ..config import RunConfig
+from ..data.blocks import Block
+from ..data.sink import REPORT, prepare_output, remove_temp_parts
+from ..data.sources import SourceSpec, open_source, plan_blocks
+from ..errors import ErrorInfo, InputError
+from ..models.registry import parse_model
+from ..report import JobReport, Progress, WorkerStats
+from ..scheduling import (
+    Action,
+    Assign,
+    BlockDone,
+    BlockFailed,
+    BlockStarted,
+    Cancel,
+    Event,
+    Finish,
+    Scheduler,
+    SchedulerConfig,
+    StartWorker,
+    StopWorker,
+    Tick,
+    WorkerFailed,
+    WorkerLost,
+    WorkerReady,
+)
+from . import messages as msg
+
+__all__ = ["run_job"]
+
+_MANIFEST_EVERY_S = 0.5
+
+
+def _job_identity(config: RunConfig, source: SourceSpec, blocks: list[Block]) -> dict[str, object]:
+    plan = hashlib.sha256(repr([(b.start, b.stop) for b in blocks]).encode()).hexdigest()[:16]
+    return {
+        **parse_model(config.model).identity(),
+        "input": source.path,
+        "input_format": source.format,
+        "input_size": source.size_bytes,
+        "input_mtime_ns": source.mtime_ns,
+        "column": config.column,
+        "rows": source.num_rows,
+        "blocks": len(blocks),
+        "block_plan": plan,
+    }
+
+
+class _Job:
+    def __init__(self, config: RunConfig, backend_factory: Callable[[msg.WorkerSpec], Backend]):
+        self.started = time.monotonic()
+        self.config = config
+        model = parse_model(config.model)
+        self.source = open_source(config.input, config.input_format)
+        if config.column is not None and config.column not in self.source.columns:
+            raise InputError(
+                f"input '{config.input}' has no column '{config.column}' "
+                f"(available: {', '.join(self.source.columns)}); pick one with --column"
+            )
+        self.output_dir = os.path.abspath(config.output)
+        self.spec = msg.WorkerSpec(
+            model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
+            config.device,
+        )
+        self.backend_factory = backend_factory
+        self.report = JobReport(
+            self.output_dir, model.name, self.source.path, config.backend, config.workers,
+            config.threads, rows_total=self.source.num_rows,
+            baseline_throughput=config.baseline_throughput,
+        )
+        self.stats: dict[int, WorkerStats] = {}
+
+    def run(self) -> JobReport:
+        # Workers load their model while the driver plans blocks.
+        backend = self.backend_factory(self.spec)
+        try:
+            workers = list(range(self.config.workers))
+            for w in workers:
+                self.stats[w] = WorkerStats(w)
+                backend.start(w)
+            blocks = plan_blocks(self.source, self.config.block_size, self.config.first_block_size)
+            self.blocks = {b.id: b for b in blocks}
+            identity = _job_identity(self.config, self.source, blocks)
+            self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite)
+            todo = {b.id: b.rows for b in blocks if b.id not in self.manifest.committed}
+            self.report.blocks = len(blocks)
+            self.report.rows_resumed = sum(self.manifest.committed.values())
+            self._loop(backend, todo, workers)
+        finally:
+            backend.close()
+            if hasattr(self, "manifest"):
+                self.manifest.save(self.output_dir)
+                remove_temp_parts(self.output_dir)
+        self.manifest.complete = True
+        self.manifest.save(self.output_dir)
+        self.report.wall_s = time.monotonic() - self.started
+        self.report.worker_stats = [self.stats[w] for w in sorted(self.stats)]
+        self.report.save(os.path.join(self.output_dir, REPORT))
+        return self.report
+
+    def _loop(self, backend: Backend, todo: dict[int, int], workers: list[int]) -> None:
+        sched_config = SchedulerConfig(
+            prefetch=self.config.prefetch,
+            max_restarts=self.config.max_restarts,
+            start_timeout_s=self.config.start_timeout_s,
+        )
+        scheduler = Scheduler(todo, workers, sched_config, self._now())
+        progress = Progress(sum(todo.values()), self.config.progress)
+        last_save = self._now()
+        finish: ErrorInfo | None = None
+        pending = scheduler.start(self._now())
+        try:
+            while True:
+                for action in pending:
+                    if isinstance(action, Finish):
+                        finish = action.error
+                        if finish is not None:
+                            raise finish.to_exception()
+                        return
+                    self._act(backend, action)
+                pending = []
+                for item in backend.receive(timeout=0.2):
+                    event = self._event(item)
+                    if event is not None:
+                        pending.extend(scheduler.handle(event, self._now()))
+                pending.extend(scheduler.handle(Tick(), self._now()))
+                progress.update(self.report.rows)
+                if self._now() - last_save >= _MANIFEST_EVERY_S:
+                    self.manifest.save(self.output_dir)
+                    last_save = self._now()
+        finally:
+            progress.close(self.report.rows)
+            self.report.restarts = scheduler.restarts_used
+
+    def _now(self) -> float:
+        return time.monotonic() - self.started
+
+    def _act(self, backend: Backend, action: Action) -> None:
+        if isinstance(action, Assign):
+            backend.send(action.worker, msg.AssignBlock(self.blocks[action.block]))
+        elif isinstance(action, Cancel):
+            backend.send(action.worker, msg.CancelBlock(action.block))
+        elif isinstance(action, StartWorker):
+            self.stats[action.worker] = WorkerStats(action.worker)
+            backend.start(action.worker)
+        elif isinstance(action, StopWorker):
+            backend.stop(action.worker)
+
+    def _event(self, item: msg.WorkerMessage | WorkerGone) -> Event | None:
+        """Record what a message tells the report and turn it into a scheduler event."""
+        if isinstance(item, msg.BlockFinished):
+            if item.block_id not in self.manifest.committed:
+                self.manifest.committed[item.block_id] = item.rows
+                self.report.rows += item.rows
+                if not self.report.first_block_s:
+                    self.report.first_block_s = self._now()
+            self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s)
+            return BlockDone(item.worker, item.block_id)
+        if isinstance(item, msg.BlockStarting):
+            return BlockStarted(item.worker, item.block_id)
+        if isinstance(item, msg.WorkerReady):
+            stats = self.stats[item.worker]
+            stats.pid, stats.host, stats.load_s = item.pid, item.host, item.load_s
+            if not self.report.startup_s:
+                self.report.startup_s = self._now()
+            return WorkerReady(item.worker)
+        if isinstance(item, msg.BlockUnfinished):
+            return BlockFailed(item.worker, item.block_id, item.error)
+        if isinstance(item, msg.WorkerUnusable):
+            return WorkerFailed(item.worker, item.error)
+        self.stats[item.worker].lost = item.reason
+        return WorkerLost(item.worker, item.reason)
+
+
+def run_job(
+    config: RunConfig, backend_factory: Callable[[msg.WorkerSpec], Backend] | None = None
+) -> JobReport:
+    """Run a batch job to completion; raises a `DistinferError` subclass on failure."""
+    factory = backend_factory or (lambda spec: make_backend(config.backend, spec))
+    return _Job(config, factory).run()

@@ -1,0 +1,102 @@
+"""Typed messages between the driver and a worker process (or Ray actor).
+
+Everything that crosses a process boundary is one of these small frozen dataclasses;
+errors travel as `ErrorInfo`, never as lost tracebacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data.blocks import Block
+from ..data.sources import SourceSpec
+from ..errors import ErrorInfo
+from ..models.registry import ModelSpec
+
+__all__ = [
+    "AssignBlock",
+    "BlockFinished",
+    "BlockStarting",
+    "BlockUnfinished",
+    "CancelBlock",
+    "StopWorker",
+    "WorkerMessage",
+    "WorkerReady",
+    "WorkerSpec",
+    "WorkerUnusable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs to load its model and do blocks; sent once at start."""
+
+    model: ModelSpec
+    source: SourceSpec
+    column: str | None
+    output_dir: str
+    batch_size: int
+    threads: int
+    device: str = "cpu"
+
+
+# driver -> worker
+
+
+@dataclass(frozen=True, slots=True)
+class AssignBlock:
+    block: Block
+
+
+@dataclass(frozen=True, slots=True)
+class CancelBlock:
+    block_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    pass
+
+
+# worker -> driver
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    worker: int
+    pid: int
+    host: str
+    load_s: float  # from the worker's entry to a loaded model (imports included)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStarting:
+    worker: int
+    block_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockFinished:
+    worker: int
+    block_id: int
+    rows: int
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, this block
+    elapsed_s: float = 0.0  # since the worker became ready
+
+
+@dataclass(frozen=True, slots=True)
+class BlockUnfinished:
+    worker: int
+    block_id: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUnusable:
+    """The worker could not start (model failed to load, bad column binding)."""
+
+    worker: int
+    error: ErrorInfo
+
+
+WorkerMessage = WorkerReady | BlockStarting | BlockFinished | BlockUnfinished | WorkerUnusable

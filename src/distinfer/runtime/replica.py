@@ -1,0 +1,84 @@
+"""The work inside one replica, independent of how messages reach it.
+
+`Replica` loads the model once, binds model inputs to input columns, and turns a block
+descriptor into a committed output part: read the rows, run the model, write the part
+(temporary name, then rename). The local process loop and the Ray actor both wrap it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import numpy as np
+
+from ..data.blocks import Block
+from ..data.sink import write_part
+from ..data.sources import describe_row, read_block
+from ..errors import DistinferError, ErrorInfo, ModelInputError
+from ..models.base import StageTimer, run_block
+from ..models.registry import load_runner
+from .messages import BlockFinished, WorkerReady, WorkerSpec
+
+__all__ = ["Replica", "error_info", "limit_threads"]
+
+
+def limit_threads(threads: int) -> None:
+    """Pin every math library of this process to `threads` threads, before they load."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set once in this process
+            pass
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo.from_exception(exc, traceback.format_exc())
+
+
+class Replica:
+    def __init__(self, worker: int, spec: WorkerSpec, entered_at: float) -> None:
+        self.worker = worker
+        self.spec = spec
+        self.runner = load_runner(spec.model, spec.threads, spec.device)
+        self.binding = self.runner.bind(spec.source.columns, spec.column)
+        self.ready_at = time.perf_counter()
+        self.load_s = self.ready_at - entered_at
+
+    def ready_message(self) -> WorkerReady:
+        return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s)
+
+    def run(self, block: Block, waited_s: float = 0.0) -> BlockFinished:
+        timer = StageTimer({"idle": waited_s})
+        t = time.perf_counter()
+        columns = read_block(self.spec.source, block, list(dict.fromkeys(self.binding.values())))
+        inputs = {name: columns[col] for name, col in self.binding.items()}
+        t = timer.add("read", t)
+        try:
+            outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)
+        except ModelInputError as exc:
+            where = describe_row(self.spec.source, block.start)
+            raise ModelInputError(f"{where} (block {block.id}): {exc}") from None
+        t = time.perf_counter()
+        rows = np.arange(block.start, block.stop, dtype=np.int64)
+        for name, value in outputs.items():
+            if len(value) != block.rows:
+                raise DistinferError(
+                    f"model output '{name}' has {len(value)} rows for a block of {block.rows}; "
+                    "a model must return one result per input row"
+                )
+        write_part(self.spec.output_dir, block.id, rows, outputs)
+        timer.add("write", t)
+        return BlockFinished(
+            self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at
+        )

@@ -1,0 +1,507 @@
+"""The job scheduler: a deterministic state machine that hands blocks of rows to workers.
+
+Design
+------
+`Scheduler` does no I/O, starts no thread and reads no clock: a backend feeds it events
+(`handle(event, now)`) and carries out the actions it returns, in order. The local process
+backend, the Ray backend and the simulator all drive this one class, so a scheduling bug can
+be reproduced from a list of events alone, and the same list always yields the same actions.
+
+* Pull, not push: a worker holds at most `prefetch` blocks (the running one included). It is
+  topped up when it becomes ready and each time it finishes a block, so fast workers come
+  back more often and get more blocks; speeds balance without being measured. The queued
+  blocks behind the running one hide the round trip between a worker and the driver.
+* Tail stealing: once nothing is pending, a worker whose queue runs empty takes the last
+  not-started block from the worker with the most not-started rows queued (`Cancel` to the
+  victim, `Assign` to the thief). A block whose `BlockStarted` was seen is never stolen.
+  A victim may have started the block before the `Cancel` reached it; both copies may then
+  run, and the first `BlockDone` wins: block output is idempotent, so a duplicate costs time,
+  never correctness.
+* Failures: blocks queued on a lost worker return to the front of the pending order (they are
+  the oldest work). A block that was in flight on `max_block_attempts` lost workers, or
+  failed that often, is taken to be what kills them and fails the job instead of killing every
+  replacement. Replacements get fresh ids (max id ever + 1), at most `max_restarts` per job.
+  A worker that reports `WorkerFailed` may still be alive, so it also gets a `StopWorker`.
+* Start timeout: measured from `start()`, and again from any loss that leaves no worker
+  ready, so that a replacement gets the whole `start_timeout_s` to load its model.
+
+Worked example (prefetch=2, blocks {0: 100, 1: 100, 2: 100, 3: 50}, workers [0, 1])::
+
+    start()                    -> []
+    WorkerReady(0)             -> Assign(0, 0), Assign(0, 1)
+    WorkerReady(1)             -> Assign(1, 2), Assign(1, 3)       # nothing left pending
+    BlockStarted(0, 0); BlockStarted(1, 2)
+    WorkerLost(1, "killed")    -> StartWorker(2)                   # 2 and 3 pending again;
+                                                                   # block 2 attempts = 1
+    BlockDone(0, 0)            -> Assign(0, 2)                     # queue 0: [1, 2]
+    WorkerReady(2)             -> Assign(2, 3)
+    BlockStarted(0, 1)
+    BlockDone(2, 3)            -> Cancel(0, 2), Assign(2, 2)       # steal: 2 not started on 0
+    BlockStarted(2, 2)
+    BlockDone(0, 1)            -> []                               # nothing left to steal
+    BlockDone(2, 2)            -> StopWorker(0), StopWorker(2), Finish(None)
+
+Cost: an event on the common path (`BlockDone` and the `Assign` topping the queue up) is a
+few dict/deque operations; only stealing (at the tail) and failures scan the workers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from distinfer.errors import ErrorInfo
+from distinfer.scheduling.events import (
+    Action,
+    Assign,
+    BlockDone,
+    BlockFailed,
+    BlockStarted,
+    Cancel,
+    Event,
+    Finish,
+    StartWorker,
+    StopWorker,
+    Tick,
+    WorkerFailed,
+    WorkerLost,
+    WorkerReady,
+)
+
+__all__ = ["Scheduler", "SchedulerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Knobs of the scheduler; the defaults suit a job of minutes to hours."""
+
+    prefetch: int = 2
+    """Blocks queued per worker, the running one included (>= 1)."""
+    max_restarts: int = 3
+    """Replacement workers started over the whole job (>= 0)."""
+    max_block_attempts: int = 3
+    """A block in flight on this many lost workers (or failing this often) fails the job."""
+    start_timeout_s: float = 600.0
+    """No worker ready for this long (since start, or since a loss left none) fails the job."""
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.max_block_attempts < 1:
+            raise ValueError(f"max_block_attempts must be >= 1, got {self.max_block_attempts}")
+        if not self.start_timeout_s > 0:  # written this way so that NaN is refused too
+            raise ValueError(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
+
+
+def _job_failed(message: str, traceback: str = "") -> ErrorInfo:
+    return ErrorInfo("JobFailedError", message, fatal=True, traceback=traceback)
+
+
+class Scheduler:
+    """Hands blocks to workers; see the module docstring.
+
+    `blocks` maps block id -> row count, in the order the blocks should be handed out;
+    `workers` are the ids of the workers the backend starts. Views (`done_rows`, `queue()`,
+    ...) are for progress and reports and stay readable after the job finished.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_begun",
+        "_config",
+        "_done",
+        "_done_rows",
+        "_error",
+        "_finished",
+        "_max_id",
+        "_owner",
+        "_pending",
+        "_prefetch",
+        "_queues",
+        "_ready",
+        "_restarts_used",
+        "_rows",
+        "_since",
+        "_started",
+        "_total_rows",
+    )
+
+    def __init__(
+        self,
+        blocks: Mapping[int, int],
+        workers: Sequence[int],
+        config: SchedulerConfig,
+        now: float,
+    ) -> None:
+        total = 0
+        for block, rows in blocks.items():
+            if rows < 0:
+                raise ValueError(f"block {block} has a negative row count ({rows})")
+            total += rows
+        if len(set(workers)) != len(workers):
+            raise ValueError(f"worker ids must be unique, got {list(workers)}")
+        if blocks and not workers:
+            raise ValueError("there are blocks to run but no workers to run them on")
+        self._config = config
+        self._prefetch = config.prefetch
+        self._rows: dict[int, int] = dict(blocks)
+        self._total_rows = total
+        self._pending: deque[int] = deque(self._rows)
+        self._done: set[int] = set()
+        self._done_rows = 0
+        # Block -> the worker whose queue holds it; a block is in exactly one of: pending,
+        # some queue (and here), done.
+        self._owner: dict[int, int] = {}
+        # Blocks whose owner reported BlockStarted; cleared whenever the block changes hands.
+        self._started: set[int] = set()
+        self._attempts: dict[int, int] = {}
+        # Live workers (starting or ready) in the order they were started; that order is the
+        # tie-break everywhere, which is what makes the actions deterministic.
+        self._queues: dict[int, deque[int]] = {w: deque() for w in workers}
+        self._ready: set[int] = set()
+        self._max_id = max(workers, default=-1)
+        self._restarts_used = 0
+        self._since = now
+        self._begun = False
+        self._finished = False
+        self._error: ErrorInfo | None = None
+
+    # --- views ------------------------------------------------------------------------
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def total_blocks(self) -> int:
+        return len(self._rows)
+
+    @property
+    def done_blocks(self) -> int:
+        return len(self._done)
+
+    @property
+    def total_rows(self) -> int:
+        return self._total_rows
+
+    @property
+    def done_rows(self) -> int:
+        return self._done_rows
+
+    @property
+    def pending_blocks(self) -> int:
+        """Blocks not yet in any worker's queue."""
+        return len(self._pending)
+
+    @property
+    def live_workers(self) -> tuple[int, ...]:
+        """Workers started and not lost (ready or still starting), in start order."""
+        return tuple(self._queues)
+
+    @property
+    def ready_workers(self) -> tuple[int, ...]:
+        return tuple(w for w in self._queues if w in self._ready)
+
+    @property
+    def restarts_used(self) -> int:
+        return self._restarts_used
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        """The error the job finished with; None while running or after success."""
+        return self._error
+
+    def queue(self, worker: int) -> tuple[int, ...]:
+        """The blocks assigned to a live worker, in order (empty for any other id)."""
+        return tuple(self._queues.get(worker, ()))
+
+    def is_done(self, block: int) -> bool:
+        return block in self._done
+
+    def attempts(self, block: int) -> int:
+        """How often the block was lost with a worker or failed."""
+        return self._attempts.get(block, 0)
+
+    # --- driving ----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin the job; finishes at once when there is nothing to do."""
+        if self._begun or self._finished:
+            return []
+        self._begun = True
+        self._since = now
+        if not self._rows:
+            return self._finish(None)
+        return []
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        """Apply one event; returns the actions to carry out, in order."""
+        if self._finished:
+            return []
+        if not self._begun:
+            # A backend that forgets start() still gets a correct job.
+            actions = self.start(now)
+            if self._finished:
+                return actions
+            return actions + self.handle(event, now)
+        # Ordered by how often they arrive.
+        if isinstance(event, BlockDone):
+            return self._on_block_done(event.worker, event.block)
+        if isinstance(event, BlockStarted):
+            if self._owner.get(event.block) == event.worker:
+                self._started.add(event.block)
+            # Otherwise the block was stolen or reassigned from this worker: ignore.
+            return []
+        if isinstance(event, WorkerReady):
+            return self._on_worker_ready(event.worker)
+        if isinstance(event, Tick):
+            return self._on_tick(now)
+        if isinstance(event, BlockFailed):
+            return self._on_block_failed(event.worker, event.block, event.error)
+        if isinstance(event, WorkerLost):
+            if event.worker not in self._queues:
+                return []
+            return self._lose(event.worker, event.reason, now, [])
+        if isinstance(event, WorkerFailed):
+            return self._on_worker_failed(event.worker, event.error, now)
+        raise TypeError(f"not a scheduler event: {event!r}")
+
+    # --- event handlers ---------------------------------------------------------------
+
+    def _on_block_done(self, worker: int, block: int) -> list[Action]:
+        owner = self._owner.get(block)
+        actions: list[Action] = []
+        if owner == worker:
+            queue = self._queues[worker]
+            if queue[0] == block:
+                queue.popleft()
+            else:
+                queue.remove(block)
+            del self._owner[block]
+            self._started.discard(block)
+            self._mark_done(block)
+            if len(self._done) == len(self._rows):
+                return self._finish(None)
+            self._refill(worker, actions)
+            return actions
+        if block not in self._rows or block in self._done:
+            return actions  # duplicate or unknown: the output is already there
+        # A non-owner finished it (it started the block before a Cancel reached it, or it
+        # was lost and its late message arrived): the work is real, so take it.
+        if owner is None:
+            self._pending.remove(block)  # back in pending after a loss; rare, O(n) is fine
+        else:
+            queue = self._queues[owner]
+            queue.remove(block)
+            del self._owner[block]
+            if block in self._started:
+                self._started.discard(block)
+            else:
+                actions.append(Cancel(owner, block))
+        self._mark_done(block)
+        if len(self._done) == len(self._rows):
+            return self._finish(None)  # a Cancel to a worker being stopped is noise
+        if owner is not None and owner in self._ready:
+            self._refill(owner, actions)
+        if worker in self._ready:
+            self._refill(worker, actions)
+        return actions
+
+    def _on_worker_ready(self, worker: int) -> list[Action]:
+        if worker not in self._queues:
+            return []  # unknown or already lost
+        self._ready.add(worker)
+        actions: list[Action] = []
+        self._refill(worker, actions)
+        return actions
+
+    def _on_tick(self, now: float) -> list[Action]:
+        timeout = self._config.start_timeout_s
+        if self._ready or now - self._since < timeout:
+            return []
+        return self._finish(
+            _job_failed(
+                f"no worker became ready within {timeout:g} s; check the worker logs for "
+                "why the model does not load, or raise start_timeout_s if it is just slow"
+            )
+        )
+
+    def _on_block_failed(self, worker: int, block: int, error: ErrorInfo) -> list[Action]:
+        if worker not in self._queues or block not in self._rows or block in self._done:
+            return []
+        if error.fatal:
+            # Bad input or a bad model fail the same way on any worker: no retry.
+            return self._finish(error)
+        if self._owner.get(block) != worker:
+            return []  # the block moved on; its owner's outcome is the one that counts
+        self._queues[worker].remove(block)
+        del self._owner[block]
+        self._started.discard(block)
+        attempts = self._attempts.get(block, 0) + 1
+        self._attempts[block] = attempts
+        if attempts >= self._config.max_block_attempts:
+            return self._finish(
+                _job_failed(
+                    f"block {block} ({self._row_range(block)}) failed {attempts} times; "
+                    f"last error: {error.kind}: {error.message}",
+                    error.traceback,
+                )
+            )
+        self._pending.appendleft(block)
+        actions: list[Action] = []
+        self._spread(actions)
+        return actions
+
+    def _on_worker_failed(self, worker: int, error: ErrorInfo, now: float) -> list[Action]:
+        if worker not in self._queues:
+            return []
+        if error.fatal:
+            return self._finish(error)
+        # The worker reported this itself, so its process may still be alive and holding
+        # memory the replacement needs: have the backend stop it.
+        return self._lose(worker, f"{error.kind}: {error.message}", now, [StopWorker(worker)])
+
+    # --- mechanics --------------------------------------------------------------------
+
+    def _mark_done(self, block: int) -> None:
+        self._done.add(block)
+        self._done_rows += self._rows[block]
+
+    def _refill(self, worker: int, actions: list[Action]) -> None:
+        """Top a ready worker's queue up to `prefetch`; steal if it is still empty."""
+        queue = self._queues[worker]
+        pending = self._pending
+        if pending:
+            owner = self._owner
+            room = self._prefetch - len(queue)
+            while room > 0 and pending:
+                block = pending.popleft()
+                queue.append(block)
+                owner[block] = worker
+                actions.append(Assign(worker, block))
+                room -= 1
+        if not queue:
+            self._steal(worker, actions)
+
+    def _steal(self, thief: int, actions: list[Action]) -> None:
+        rows = self._rows
+        started = self._started
+        victim: deque[int] | None = None
+        victim_id = thief
+        best = -1
+        for worker, queue in self._queues.items():
+            if worker == thief or not queue:
+                continue
+            # -1 = nothing stealable, so that a queue of zero-row blocks still counts.
+            stealable = -1
+            for block in queue:
+                if block not in started:
+                    stealable = rows[block] if stealable < 0 else stealable + rows[block]
+            if stealable > best:  # strict: ties go to the earliest-started worker
+                best, victim, victim_id = stealable, queue, worker
+        if victim is None:
+            return
+        # The last one: the block the victim would reach latest, and the one least likely to
+        # have been started already with the BlockStarted still on its way.
+        index = len(victim) - 1
+        while victim[index] in started:
+            index -= 1
+        block = victim[index]
+        del victim[index]
+        self._owner[block] = thief
+        self._queues[thief].append(block)
+        actions.append(Cancel(victim_id, block))
+        actions.append(Assign(thief, block))
+
+    def _spread(self, actions: list[Action]) -> None:
+        """Hand pending blocks to ready workers with room, emptiest queues first, one each per
+        round, so that a few returned blocks go to idle workers rather than pile on one."""
+        pending = self._pending
+        if not pending:
+            return
+        prefetch = self._prefetch
+        queues = self._queues
+        takers = [w for w, q in queues.items() if w in self._ready and len(q) < prefetch]
+        takers.sort(key=lambda w: len(queues[w]))  # stable: start order breaks ties
+        while pending and takers:
+            again: list[int] = []
+            for worker in takers:
+                if not pending:
+                    break
+                block = pending.popleft()
+                queues[worker].append(block)
+                self._owner[block] = worker
+                actions.append(Assign(worker, block))
+                if len(queues[worker]) < prefetch:
+                    again.append(worker)
+            takers = again
+
+    def _lose(self, worker: int, reason: str, now: float, actions: list[Action]) -> list[Action]:
+        """Retire a live worker: requeue its blocks, start a replacement, or give up."""
+        queue = self._queues.pop(worker)
+        self._ready.discard(worker)
+        if not self._ready:
+            # The replacement needs the full start timeout to load its model.
+            self._since = now
+        max_attempts = self._config.max_block_attempts
+        poison: int | None = None
+        for index, block in enumerate(queue):
+            del self._owner[block]
+            # The head counts even without BlockStarted: the report may have died with it.
+            if index == 0 or block in self._started:
+                self._started.discard(block)
+                attempts = self._attempts.get(block, 0) + 1
+                self._attempts[block] = attempts
+                if attempts >= max_attempts and poison is None:
+                    poison = block
+        self._pending.extendleft(reversed(queue))
+        if poison is not None:
+            return actions + self._finish(
+                _job_failed(
+                    f"block {poison} ({self._row_range(poison)}) was in flight on "
+                    f"{self._attempts[poison]} workers that died (last: {reason}); the block "
+                    "itself probably kills them (out of memory?): check those rows, lower the "
+                    "block size, or raise max_block_attempts"
+                )
+            )
+        if self._restarts_used < self._config.max_restarts:
+            self._restarts_used += 1
+            self._max_id += 1
+            self._queues[self._max_id] = deque()
+            actions.append(StartWorker(self._max_id))
+        elif not self._queues:
+            return actions + self._finish(
+                _job_failed(
+                    f"all workers were lost (last: {reason}); {self._restarts_used} "
+                    f"replacement(s) started, max_restarts={self._config.max_restarts}: see "
+                    "the worker logs for why they die"
+                )
+            )
+        self._spread(actions)
+        return actions
+
+    def _finish(self, error: ErrorInfo | None) -> list[Action]:
+        actions: list[Action] = [StopWorker(w) for w in self._queues]
+        actions.append(Finish(error))
+        self._finished = True
+        self._error = error
+        return actions
+
+    def _row_range(self, block: int) -> str:
+        """'rows A-B' of a block, B inclusive; only for error messages, so O(n) is fine."""
+        first = 0
+        for other, rows in self._rows.items():
+            if other == block:
+                break
+            first += rows
+        count = self._rows[block]
+        if count == 0:
+            return f"no rows, at row {first}"
+        return f"rows {first}-{first + count - 1}"

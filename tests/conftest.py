@@ -1,0 +1,42 @@
+"""Shared fixtures. Worker processes are spawned, so test model factories live in an
+importable module (`tests/helpers/toy_models.py`) whose folder is put on PYTHONPATH."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HELPERS = Path(__file__).parent / "helpers"
+REPO = Path(__file__).parent.parent
+CORPUS = REPO / "examples" / "kjv-verses.txt"
+
+sys.path.insert(0, str(HELPERS))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(HELPERS), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+
+
+@pytest.fixture(scope="session")
+def corpus_lines() -> list[str]:
+    return CORPUS.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path, corpus_lines: list[str]) -> Path:
+    """300 real verses, one per line."""
+    path = tmp_path / "verses.txt"
+    path.write_text("\n".join(corpus_lines[:300]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def vectors(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A .npy file of 500 rows x 16 float32 features."""
+    data = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    path = tmp_path / "vectors.npy"
+    np.save(path, data)
+    return path, data

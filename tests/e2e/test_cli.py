@@ -1,0 +1,120 @@
+"""The real `distinfer` command as a subprocess: a job end to end, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+HELPERS = Path(__file__).parent.parent / "helpers"
+
+
+def distinfer(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(HELPERS)}
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.cli", *args], capture_output=True, text=True,
+        timeout=300, env=env, cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("distinfer: error: ")
+    return lines[0]
+
+
+def test_run_minilm_end_to_end(small_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = distinfer("run", "--model", "minilm", "--input", str(small_corpus), "--output",
+                       str(out), "--workers", "2", "--block-size", "128")
+    assert result.returncode == 0, result.stderr
+    assert "300 rows" in result.stderr and "worker 0" in result.stderr
+    table = ds.dataset(str(out)).to_table()
+    assert table.num_rows == 300
+    assert table.schema.field("embedding").type.list_size == 384
+    report = json.loads((out / "_report.json").read_text())
+    assert report["rows"] == 300 and report["workers"] == 2
+
+
+def test_job_file_with_flag_override(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, data = vectors
+    job = tmp_path / "job.toml"
+    job.write_text(f'[run]\nmodel = "toy_models:mlp"\ninput = "{path.name}"\noutput = "out"\n'
+                   "workers = 3\nbatch_size = 8\n")
+    result = distinfer("run", "--config", str(job), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert report["workers"] == 1 and report["rows"] == len(data)
+
+
+def test_yaml_job_file(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _data = vectors
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: toy_models:mlp\ninput: {path}\noutput: {tmp_path / 'y'}\n")
+    assert distinfer("run", "--config", str(job)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("make_args", "expected"),
+    [
+        (lambda d, v: ["--model", "minilm", "--input", str(d / "nope.txt")], r"'.*nope.txt' does not exist"),
+        (lambda d, v: ["--model", "toy_models:mlp", "--input", str(v), "--column", "txt"], r"no column 'txt'"),
+        (lambda d, v: ["--model", "nosuchmodel", "--input", str(v)], r"unknown model 'nosuchmodel'"),
+        (lambda d, v: ["--model", str(d / "junk.onnx"), "--input", str(v)], r"cannot load ONNX model"),
+        (lambda d, v: ["--model", "no_such_module:f", "--input", str(v)], r"cannot import 'no_such_module'"),
+        (lambda d, v: ["--model", "toy_models:not_a_module", "--input", str(v)], r"not a torch.nn.Module"),
+        (lambda d, v: ["--model", "toy_models:mlp", "--input", str(d / "narrow.npy")], r"shape \[32, 12\].*check --column"),
+        (lambda d, v: ["--model", "toy_models:mlp", "--input", str(d / "bad.jsonl"), "--column", "x"], r"bad.jsonl line 3"),
+        (lambda d, v: ["--model", "toy_models:mlp", "--input", str(v), "--workers", "0"], r"--workers must be"),
+        (lambda d, v: ["--input", str(v)], r"missing --model"),
+    ],
+    ids=["missing-file", "unknown-column", "unknown-model", "unreadable-onnx", "bad-factory",
+         "factory-not-module", "shape-mismatch", "malformed-jsonl", "bad-option", "no-model"],
+)
+def test_bad_input_gives_one_line_error(
+    make_args: object, expected: str, tmp_path: Path, vectors: tuple[Path, np.ndarray]
+) -> None:
+    path, _ = vectors
+    (tmp_path / "junk.onnx").write_bytes(b"this is not an onnx file")
+    np.save(tmp_path / "narrow.npy", np.zeros((32, 12), dtype=np.float32))
+    (tmp_path / "bad.jsonl").write_text('{"x": [1.0]}\n{"x": [2.0]}\n{"x": [3.0\n')
+    args = make_args(tmp_path, path)  # type: ignore[operator]
+    out = tmp_path / "out"
+    result = distinfer("run", *args, "--output", str(out))
+    import re
+
+    line = one_line_error(result)
+    assert re.search(expected, line), line
+    manifest = out / "_manifest.json"
+    if manifest.exists():
+        assert json.loads(manifest.read_text())["complete"] is False
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = distinfer("run", "--model", "minilm", "--input", str(tmp_path / "nope.txt"),
+                       "--output", str(tmp_path / "o"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_documents_every_option() -> None:
+    result = distinfer("run", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--input", "--output", "--workers", "--batch-size",
+                 "--threads-per-worker", "--column", "--field", "--config", "--overwrite"):
+        assert flag in result.stdout
+
+
+def test_bench_prints_a_baseline(vectors: tuple[Path, np.ndarray]) -> None:
+    path, _ = vectors
+    result = distinfer("bench", "--model", "toy_models:mlp", "--input", str(path), "--rows", "256")
+    assert result.returncode == 0, result.stderr
+    assert "rows/s" in result.stdout and "--baseline-throughput" in result.stdout
