@@ -115,7 +115,7 @@ class BertEncoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)
+        x: torch.Tensor = self.embeddings(input_ids, token_type_ids)
         # Additive mask as in transformers' sdpa path: padded keys get the dtype's minimum.
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         for layer in self.layers:
