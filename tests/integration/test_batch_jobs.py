@@ -228,3 +228,24 @@ def test_report_accounts_for_worker_time(vectors: tuple[Path, np.ndarray], tmp_p
     for w in saved["worker_stats"]:
         assert set(w["fractions"]) >= {"read", "preprocess", "model", "write", "idle", "other"}
         assert w["pid"] > 0 and w["pid"] != os.getpid()
+
+
+def test_torchscript_file_over_parquet_list_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import toy_models
+
+    data = np.random.default_rng(5).standard_normal((150, 16)).astype(np.float32)
+    path = tmp_path / "rows.parquet"
+    table = pa.table({"id": np.arange(150), "x": pa.array(list(data), pa.list_(pa.float32()))})
+    pq.write_table(table, path, row_group_size=40)
+    scripted = tmp_path / "mlp.pt"
+    torch.jit.script(toy_models.mlp()).save(str(scripted))
+    out = tmp_path / "out"
+    distinfer.run(model=str(scripted), input=str(path), output=str(out), workers=2, column="x",
+                  batch_size=16, block_size=32)
+    with torch.inference_mode():
+        reference = toy_models.mlp()(torch.from_numpy(data))
+    got = read_output(out)
+    torch.testing.assert_close(torch.from_numpy(got["output"].astype(np.float32)), reference)
+    assert_rows_exactly_once(out, 150)

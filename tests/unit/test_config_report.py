@@ -1,0 +1,101 @@
+"""Config building and job files; the report's arithmetic and the progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from distinfer import ConfigError, RunConfig
+from distinfer.config import load_job_file
+from distinfer.report import JobReport, Progress, WorkerStats
+
+
+def test_build_accepts_dashes_and_rejects_unknown_options() -> None:
+    config = RunConfig.build({"model": "m", "input": "i", "output": "o", "batch-size": 8})
+    assert config.batch_size == 8
+    with pytest.raises(ConfigError, match="unknown option 'batchsize'"):
+        RunConfig.build({"model": "m", "input": "i", "output": "o", "batchsize": 8})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("workers", 0, "--workers must be"), ("batch_size", -1, "--batch-size must be"),
+     ("block_size", 1.5, "--block-size must be"), ("device", "tpu", "--device must be"),
+     ("max_restarts", -1, "--max-restarts must be")],
+)
+def test_out_of_range_options_are_refused(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.build({"model": "m", "input": "i", "output": "o", field: value})
+
+
+def test_missing_required_option_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="missing --output"):
+        RunConfig.build({"model": "m", "input": "i"})
+
+
+def test_threads_default_divides_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert RunConfig("m", "i", "o", workers=3).threads == 2
+    assert RunConfig("m", "i", "o", workers=16).threads == 1
+    assert RunConfig("m", "i", "o", workers=2, threads_per_worker=3).threads == 3
+
+
+def test_job_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[run]\nmodel = "minilm"\ninput = "data/in.txt"\noutput = "/abs/out"\n')
+    options = load_job_file(str(job))
+    assert options["input"] == str(tmp_path / "data" / "in.txt")
+    assert options["output"] == "/abs/out"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [("job.toml", "model = [", "not valid"), ("job.yaml", "model: [", "not valid YAML"),
+     ("job.json", "{}", "must end in"), ("job.yaml", "- a\n- b\n", "table of options")],
+)
+def test_bad_job_files_are_refused(tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_job_file(str(path))
+
+
+def test_missing_job_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_job_file("/nonexistent/job.toml")
+
+
+def test_report_fractions_efficiency_and_json(tmp_path: Path) -> None:
+    w = WorkerStats(0)
+    w.add_block(100, {"read": 0.1, "preprocess": 1.0, "model": 8.0, "write": 0.4}, 5.0)
+    w.add_block(100, {"model": 0.4, "idle": 0.1}, 10.0)
+    assert w.rows == 200 and w.blocks == 2
+    f = w.fractions()
+    assert f["model"] == pytest.approx(0.84)
+    assert f["other"] == pytest.approx(0.0)
+    assert w.overhead_fraction == pytest.approx(1 - 0.94)
+    report = JobReport("out", "m", "in", "local", 2, 1, rows=200, wall_s=3.0, startup_s=1.0,
+                       baseline_throughput=40.0, worker_stats=[w])
+    assert report.throughput == pytest.approx(200 / 3)
+    assert report.steady_throughput == pytest.approx(100)
+    assert report.efficiency == pytest.approx(100 / 80)
+    report.save(str(tmp_path / "r.json"))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["efficiency"] == pytest.approx(1.25)
+    assert saved["worker_stats"][0]["rows"] == 200
+    assert "scaling efficiency 125%" in report.summary()
+
+
+def test_progress_draws_only_when_enabled() -> None:
+    stream = io.StringIO()
+    bar = Progress(100, enabled=True, stream=stream)
+    bar.update(50, force=True)
+    bar.close(100)
+    text = stream.getvalue()
+    assert "50/100 rows" in text and "100/100 rows" in text and text.endswith("\n")
+    quiet = io.StringIO()
+    Progress(100, stream=quiet).close(100)  # StringIO is not a terminal
+    assert quiet.getvalue() == ""
