@@ -109,7 +109,8 @@ def main() -> int:
     print(f"rows: {len(lines)} real sentences, {os.cpu_count()} cores")
     print(f"A single process, 1 thread     : {a['throughput']:7.1f} rows/s  (load {a['load_s']:.2f} s)")
     print(f"B single process, all cores    : {b['throughput']:7.1f} rows/s  (load {b['load_s']:.2f} s)")
-    print(f"C distinfer {args.workers} workers x 1 thread: {c['steady_throughput']:7.1f} rows/s once started; "
+    print(f"C distinfer {args.workers} workers x 1 thread: "
+          f"{c['steady_throughput']:7.1f} rows/s once started; "
           f"{c['throughput']:.1f} rows/s over the job; {c['command_throughput']:.1f} rows/s over the "
           f"whole command ({c['command_s']:.1f} s)")
     checks = [
