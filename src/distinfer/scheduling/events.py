@@ -87,9 +87,7 @@ class Tick:
     """Time passed; lets the scheduler notice timeouts when nothing else happens."""
 
 
-Event: TypeAlias = (
-    WorkerReady | BlockStarted | BlockDone | BlockFailed | WorkerLost | WorkerFailed | Tick
-)
+Event: TypeAlias = WorkerReady | BlockStarted | BlockDone | BlockFailed | WorkerLost | WorkerFailed | Tick
 
 
 # --- actions: scheduler -> backend ------------------------------------------------------
