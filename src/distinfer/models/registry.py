@@ -55,7 +55,7 @@ def load_runner(spec: ModelSpec, threads: int, device: str = "cpu") -> Runner:
     if spec.kind == "minilm":
         from .minilm import MiniLMRunner
 
-        return MiniLMRunner()
+        return MiniLMRunner(device=device)
     if spec.kind == "onnx":
         from .onnx_runner import OnnxRunner
 
