@@ -26,9 +26,14 @@ $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The demo first measures one worker (1 thread) so that the report can state the scaling
+# efficiency against the ideal workers x per-worker throughput.
 demo: $(VENV)/.installed
+	@baseline=$$($(BIN)/distinfer bench --model minilm --input examples/kjv-verses.txt --rows 512 | head -1 | cut -d' ' -f1) && \
+	echo "one worker x 1 thread: $$baseline rows/s" && \
 	$(BIN)/distinfer run --model minilm --input examples/kjv-verses.txt \
-		--output $(DEMO_OUT) --workers $(WORKERS) --overwrite
+		--output $(DEMO_OUT) --workers $(WORKERS) --threads-per-worker 1 --overwrite \
+		--baseline-throughput $$baseline
 	$(BIN)/python -c "import pyarrow.dataset as ds; t = ds.dataset('$(DEMO_OUT)').to_table(); \
 		print(f'{t.num_rows} embeddings of width', t.schema.field('embedding').type.list_size, 'in $(DEMO_OUT)/')"
 
