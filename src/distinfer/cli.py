@@ -41,13 +41,28 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--column", "--field", dest="column", help="input column/field to feed the model (default: 'text', the only column, or the columns named like the model inputs)")
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
-    p.add_argument("--backend", choices=["local"], help="where workers run (default local processes)")
+    p.add_argument("--backend", choices=["local", "ray"], help="where workers run: local processes (default) or actors on a Ray cluster")
+    p.add_argument("--address", help="ray: the cluster to join: 'auto' (the one 'ray start' made on this node), 'ray://host:10001', or leave out to start Ray on this machine")
+    p.add_argument("--worker-cpus", type=float, help="ray: CPUs each worker asks for (default 1)")
+    p.add_argument("--worker-gpus", type=float, help="ray: GPUs each worker asks for (default 0)")
+    p.add_argument("--worker-resource", dest="worker_resources", action="append", type=_resource, metavar="NAME=AMOUNT", help="ray: a custom resource each worker asks for, to pin workers to kinds of nodes (repeatable)")
+    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds (default 600)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device for the model (default cpu)")
     p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
     p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
     p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _resource(text: str) -> tuple[str, float]:
+    name, sep, amount = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. accelerator_x=1), got {text!r}") from None
 
 
 def _bench_parser(sub: Any) -> None:
@@ -87,6 +102,8 @@ def _cmd_run(args: dict[str, Any]) -> int:
     options: dict[str, Any] = {}
     if "config" in args:
         options.update(load_job_file(args.pop("config")))
+    if "worker_resources" in args:
+        args["worker_resources"] = dict(args["worker_resources"])
     options.update(args)
     report = run(RunConfig.build(options))
     print(report.summary(), file=sys.stderr)

@@ -34,7 +34,11 @@ class RunConfig:
     column: str | None = None
     input_format: str | None = None
     overwrite: bool = False
-    backend: str = "local"
+    backend: str = "local"  # "local" processes or "ray"
+    address: str | None = None  # ray: "auto", "ray://host:port", or None to start a local Ray
+    worker_cpus: float = 1.0  # ray: CPUs each worker actor asks for
+    worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
+    worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
     device: str = "cpu"
     prefetch: int = 2
     max_restarts: int = 3
@@ -61,6 +65,15 @@ class RunConfig:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.min_block_size is not None and self.min_block_size > self.block_size:
             raise ConfigError("--min-block-size must not exceed --block-size")
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"--backend must be local or ray, got {self.backend!r}")
+        if self.worker_cpus < 0 or self.worker_gpus < 0:
+            raise ConfigError("--worker-cpus and --worker-gpus must be >= 0")
+        if self.start_timeout_s <= 0:
+            raise ConfigError(f"--start-timeout must be > 0 seconds, got {self.start_timeout_s}")
+        for name, amount in (self.worker_resources or {}).items():
+            if not isinstance(amount, (int, float)) or amount < 0:
+                raise ConfigError(f"--worker-resource {name}: the amount must be a number >= 0")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
 

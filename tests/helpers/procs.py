@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 
-def worker_pids(parent: int) -> list[int]:
-    """Live spawned worker processes whose parent is `parent`."""
+def worker_pids(parent: int, marker: bytes = b"spawn_main") -> list[int]:
+    """Live worker processes whose parent is `parent` and whose command line has `marker`
+    (spawned local workers by default; Ray actor processes show as `ray::DistinferReplica`)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -20,7 +21,7 @@ def worker_pids(parent: int) -> list[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         state = stat.rsplit(")", 1)[1].split()[0]
-        if ppid == parent and b"spawn_main" in cmdline and state != "Z":
+        if ppid == parent and marker in cmdline and state != "Z":
             found.append(int(entry.name))
     return sorted(found)
 

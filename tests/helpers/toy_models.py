@@ -48,3 +48,10 @@ def two_heads() -> nn.Module:
 
 def not_a_module() -> int:
     return 3
+
+
+def very_slow_mlp() -> nn.Module:
+    """0.25 s per batch whatever the environment (Ray workers do not see a test's env vars)."""
+    model = _Slow()
+    model.delay = 0.25
+    return model.eval()

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..runtime.messages import WorkerSpec
 from .base import Backend, WorkerGone
 
 __all__ = ["BACKENDS", "Backend", "WorkerGone", "make_backend"]
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray")
 
 
-def make_backend(name: str, spec: WorkerSpec) -> Backend:
-    if name == "local":
+def make_backend(config: RunConfig, spec: WorkerSpec) -> Backend:
+    if config.backend == "local":
         from .local import LocalBackend
 
         return LocalBackend(spec)
-    raise ConfigError(f"unknown backend '{name}'; use one of: {', '.join(BACKENDS)}")
+    if config.backend == "ray":
+        from .ray import RayBackend, RayOptions
+
+        return RayBackend(spec, RayOptions.from_config(config))
+    raise ConfigError(f"unknown backend '{config.backend}'; use one of: {', '.join(BACKENDS)}")

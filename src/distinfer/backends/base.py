@@ -45,6 +45,10 @@ class Backend(ABC):
     def stop(self, worker: int) -> None:
         """Ask a worker to exit once its current block is done; no more messages from it."""
 
+    def unready_reason(self) -> str | None:
+        """Why no worker has become ready, when the backend can tell (e.g. nowhere to place it)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Stop every worker, forcibly if it does not exit promptly."""

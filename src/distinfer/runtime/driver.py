@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..data.blocks import Block
 from ..data.sink import REPORT, prepare_output, remove_temp_parts
 from ..data.sources import SourceSpec, open_source, plan_blocks
-from ..errors import ErrorInfo, InputError
+from ..errors import ErrorInfo, InputError, JobFailedError
 from ..models.registry import parse_model
 from ..report import JobReport, Progress, WorkerStats
 from ..scheduling import (
@@ -132,9 +132,14 @@ class _Job:
                 for action in pending:
                     if isinstance(action, Finish):
                         finish = action.error
-                        if finish is not None:
-                            raise finish.to_exception()
-                        return
+                        if finish is None:
+                            return
+                        reason = backend.unready_reason() if not scheduler.ready_workers else None
+                        if reason and "no worker became ready" in finish.message:
+                            raise JobFailedError(
+                                f"no worker became ready within {self.config.start_timeout_s:g} s: {reason}"
+                            )
+                        raise finish.to_exception()
                     self._act(backend, action)
                 pending = []
                 for item in backend.receive(timeout=0.2):
@@ -194,5 +199,5 @@ def run_job(
     config: RunConfig, backend_factory: Callable[[msg.WorkerSpec], Backend] | None = None
 ) -> JobReport:
     """Run a batch job to completion; raises a `DistinferError` subclass on failure."""
-    factory = backend_factory or (lambda spec: make_backend(config.backend, spec))
+    factory = backend_factory or (lambda spec: make_backend(config, spec))
     return _Job(config, factory).run()

@@ -1,0 +1,235 @@
+"""The Ray backend: workers are Ray actors placed and supervised by a Ray cluster.
+
+Ray places the actors (by the CPUs, GPUs and custom resources each asks for), runs them on
+any node, and tells the driver when one dies with its node. distinfer keeps its own
+scheduler: an `AssignBlock` becomes an actor call `run(block)`; the call's result (or the
+actor's death) becomes the event. Actor calls run one at a time in submission order, so the
+calls queued behind the running one are the worker's prefetch. A `CancelBlock` goes to a
+separate concurrency group, so it overtakes the queued calls; the cancelled call then
+returns at once without work.
+
+Ray's own actor restarts are off on purpose: the scheduler starts replacement workers
+(bounded by --max-restarts) and re-assigns the lost blocks, the same as with local
+processes, so there is one authority over retries. Blocks never travel through Ray: an
+actor reads its rows from storage all nodes see and writes its part there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import RunConfig
+from ..data.blocks import Block
+from ..errors import ConfigError
+from ..runtime.messages import (
+    AssignBlock,
+    BlockFinished,
+    BlockUnfinished,
+    CancelBlock,
+    WorkerMessage,
+    WorkerReady,
+    WorkerSpec,
+    WorkerUnusable,
+)
+from .base import Backend, WorkerGone
+
+__all__ = ["RayBackend", "RayOptions", "ReplicaActor"]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--backend ray needs Ray; install it with: pip install 'distinfer[ray]'"
+        ) from None
+    return ray
+
+
+@dataclass(frozen=True, slots=True)
+class RayOptions:
+    address: str | None = None
+    cpus: float = 1.0
+    gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> RayOptions:
+        return cls(config.address, config.worker_cpus, config.worker_gpus, dict(config.worker_resources or {}))
+
+    def describe(self) -> str:
+        asks = {"CPU": self.cpus, "GPU": self.gpus, **self.resources}
+        return ", ".join(f"{k} {v:g}" for k, v in asks.items() if v)
+
+
+class ReplicaActor:
+    """One worker on a Ray node: loads the model once (in `ready`), then runs blocks."""
+
+    def __init__(self, worker: int, spec: WorkerSpec) -> None:
+        from ..runtime.replica import limit_threads
+
+        self.entered = time.perf_counter()
+        limit_threads(spec.threads)
+        self.worker = worker
+        self.spec = spec
+        self.replica: Any = None
+        self.cancelled: set[int] = set()
+        self.last_end = 0.0
+
+    def ready(self) -> WorkerMessage:
+        import ray
+
+        from ..runtime.replica import Replica, error_info
+
+        try:
+            self.replica = Replica(self.worker, self.spec, self.entered)
+        except Exception as exc:
+            return WorkerUnusable(self.worker, error_info(exc))
+        node = ray.get_runtime_context().get_node_id()[:8]
+        ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self.last_end = time.perf_counter()
+        return WorkerReady(self.worker, os.getpid(), f"{socket.gethostname()} {ip} node {node}",
+                           self.replica.load_s)
+
+    def cancel(self, block_id: int) -> None:
+        self.cancelled.add(block_id)
+
+    def run(self, block: Block) -> WorkerMessage | None:
+        from ..runtime.replica import error_info
+
+        if block.id in self.cancelled:
+            self.cancelled.discard(block.id)
+            return None
+        waited = time.perf_counter() - self.last_end
+        try:
+            return self.replica.run(block, waited)  # type: ignore[no-any-return]
+        except Exception as exc:
+            return BlockUnfinished(self.worker, block.id, error_info(exc))
+        finally:
+            self.last_end = time.perf_counter()
+
+
+class RayBackend(Backend):
+    def __init__(self, spec: WorkerSpec, options: RayOptions) -> None:
+        super().__init__(spec)
+        self.ray = ray = _import_ray()
+        self.options = options
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=True, configure_logging=True)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(
+                    f"cannot connect to the Ray cluster at '{options.address}': {first}; "
+                    "check --address (auto, ray://host:10001) and that 'ray start' ran on the head"
+                ) from None
+        remote = ray.remote(concurrency_groups={"control": 1})(_with_control_group(ReplicaActor))
+        self._actor_class = remote.options(
+            num_cpus=options.cpus, num_gpus=options.gpus, resources=options.resources or None,
+            max_restarts=0, max_task_retries=0,
+        )
+        self._actors: dict[int, Any] = {}
+        self._refs: dict[Any, tuple[int, str]] = {}  # in-flight call -> (worker, what)
+        self._ready: set[int] = set()
+
+    def start(self, worker: int) -> None:
+        actor = self._actor_class.remote(worker, self.spec)
+        self._actors[worker] = actor
+        self._refs[actor.ready.remote()] = (worker, "ready")
+
+    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
+        actor = self._actors.get(worker)
+        if actor is None:
+            return
+        if isinstance(message, AssignBlock):
+            self._refs[actor.run.remote(message.block)] = (worker, "run")
+        else:
+            actor.cancel.remote(message.block_id)
+
+    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
+        if not self._refs:
+            time.sleep(timeout)
+            return []
+        done, _ = self.ray.wait(list(self._refs), num_returns=1, timeout=timeout)
+        if not done:
+            return []
+        done, _ = self.ray.wait(list(self._refs), num_returns=len(self._refs), timeout=0)
+        out: list[WorkerMessage | WorkerGone] = []
+        for ref in done:
+            entry = self._refs.pop(ref, None)
+            if entry is None:
+                continue
+            worker, _what = entry
+            if worker not in self._actors:
+                continue  # already reported gone
+            try:
+                message = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                out.append(WorkerGone(worker, _death_reason(worker, exc)))
+                self._forget(worker)
+                continue
+            if isinstance(message, WorkerReady):
+                self._ready.add(worker)
+            if message is not None:
+                out.append(message)
+        return out
+
+    def _forget(self, worker: int) -> None:
+        self._actors.pop(worker, None)
+        self._ready.discard(worker)
+        for ref in [r for r, (w, _) in self._refs.items() if w == worker]:
+            del self._refs[ref]
+
+    def stop(self, worker: int) -> None:
+        actor = self._actors.get(worker)
+        if actor is not None:
+            self.ray.kill(actor, no_restart=True)
+            self._forget(worker)
+
+    def unready_reason(self) -> str | None:
+        if self._ready:
+            return None
+        try:
+            available = self.ray.cluster_resources()
+        except Exception:
+            return None
+        have = ", ".join(f"{k} {v:g}" for k, v in sorted(available.items())
+                         if not k.startswith(("node:", "memory", "object_store_memory")))
+        return (
+            f"Ray placed no worker: each asks for {self.options.describe()}, and the cluster "
+            f"({have}) has no node with that free; lower --worker-cpus/--worker-gpus/--worker-resource "
+            "or add nodes that offer them"
+        )
+
+    def close(self) -> None:
+        for worker in list(self._actors):
+            self.stop(worker)
+        if self._owns_ray:
+            self.ray.shutdown()
+
+
+def _with_control_group(cls: type) -> type:
+    """Put `cancel` in the "control" concurrency group, so it overtakes queued `run` calls."""
+    import ray
+
+    class Actor(cls):  # type: ignore[misc]
+        @ray.method(concurrency_group="control")
+        def cancel(self, block_id: int) -> None:
+            super().cancel(block_id)
+
+    Actor.__name__ = Actor.__qualname__ = "DistinferReplica"
+    return Actor
+
+
+def _death_reason(worker: int, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((line for line in text if "died" in line.lower() or "node" in line.lower()),
+                 text[0] if text else "")
+    return f"worker {worker} actor was lost ({type(exc).__name__}: {first.strip()[:200]})"

@@ -1,0 +1,137 @@
+"""The Ray backend on a local multi-node Ray cluster (head + 1-CPU nodes in this machine):
+same output as the local backend, exactly-once output when a node is lost, and a clear
+error when no node can host a worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+from procs import wait_for, worker_pids
+
+import distinfer
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # The head offers no CPU, so every worker actor lands on a (removable) worker node.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def table(out: Path) -> dict[str, np.ndarray]:
+    t = ds.dataset(str(out)).to_table().sort_by("row")
+    return {name: np.asarray(t.column(name).to_pylist()) for name in t.column_names}
+
+
+def test_minilm_on_ray_equals_local_backend(cluster: Cluster, small_corpus: Path, tmp_path: Path) -> None:
+    options = dict(model="minilm", input=str(small_corpus), workers=2, threads_per_worker=1,
+                   batch_size=32, block_size=128)
+    ray_report = distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    distinfer.run(**options, output=str(tmp_path / "local"))
+    on_ray, local = table(tmp_path / "ray"), table(tmp_path / "local")
+    np.testing.assert_array_equal(on_ray["row"], np.arange(300))
+    torch.testing.assert_close(torch.tensor(on_ray["embedding"]), torch.tensor(local["embedding"]))
+    nodes = {w.host.split("node ")[-1] for w in ray_report.worker_stats}
+    assert len(nodes) == 2, f"the two workers should run on the two nodes, got {nodes}"
+
+
+def test_onnx_on_ray_equals_local_backend(
+    cluster: Cluster, vectors: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    import toy_models
+
+    path, _ = vectors
+    model = tmp_path / "mlp.onnx"
+    torch.onnx.export(toy_models.mlp(), (torch.randn(4, 16),), str(model), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    options = dict(model=str(model), input=str(path), workers=2, batch_size=16, block_size=64)
+    distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    distinfer.run(**options, output=str(tmp_path / "local"))
+    torch.testing.assert_close(torch.tensor(table(tmp_path / "ray")["y"]),
+                               torch.tensor(table(tmp_path / "local")["y"]))
+
+
+def _node_with_a_worker(cluster: Cluster) -> object | None:
+    for node in cluster.worker_nodes:
+        raylet = node.all_processes["raylet"][0].process.pid
+        if worker_pids(raylet, b"DistinferReplica"):
+            return node
+    return None
+
+
+def test_lost_node_gives_exactly_once_output(
+    cluster: Cluster, vectors: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    import toy_models
+
+    path, data = vectors
+    out = tmp_path / "out"
+    cluster.add_node(num_cpus=1)  # room for the replacement worker
+    cluster.wait_for_nodes()
+    removed: list[object] = []
+
+    def remove_a_node_with_a_worker() -> None:
+        wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2, 120, "two finished blocks")
+        wait_for(lambda: _node_with_a_worker(cluster) is not None, 30, "a node hosting a worker")
+        node = _node_with_a_worker(cluster)
+        cluster.remove_node(node, allow_graceful=False)
+        removed.append(node)
+
+    thread = threading.Thread(target=remove_a_node_with_a_worker, daemon=True)
+    thread.start()
+    try:
+        # ~4 s of work per worker, so that the node goes while blocks are in flight
+        report = distinfer.run(model="toy_models:very_slow_mlp", input=str(path), output=str(out),
+                               workers=2, backend="ray", batch_size=16, block_size=64, start_timeout_s=120)
+    finally:
+        thread.join(timeout=10)
+    assert removed, "no node was removed during the job"
+    assert report.restarts == 1
+    assert sum(1 for w in report.worker_stats if "lost" in w.lost) == 1
+    got = table(out)
+    np.testing.assert_array_equal(got["row"], np.arange(len(data)))  # none lost, none twice
+    with torch.inference_mode():
+        reference = toy_models.mlp()(torch.from_numpy(data))
+    torch.testing.assert_close(torch.tensor(got["output"], dtype=torch.float32), reference)
+    assert json.loads((out / "_manifest.json").read_text())["complete"] is True
+
+
+def test_unplaceable_workers_fail_fast_with_a_clear_message(
+    cluster: Cluster, vectors: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    path, _ = vectors
+    start = time.monotonic()
+    with pytest.raises(distinfer.JobFailedError, match=r"Ray placed no worker: each asks for CPU 1, tpu 1"):
+        distinfer.run(model="toy_models:mlp", input=str(path), output=str(tmp_path / "o"),
+                      backend="ray", worker_resources={"tpu": 1}, start_timeout_s=3)
+    assert time.monotonic() - start < 30
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path: Path, vectors: tuple[Path, np.ndarray]) -> None:
+    path, _ = vectors
+    code = ("import sys; sys.modules['ray'] = None; from distinfer.cli import main; "
+            f"sys.exit(main(['run', '--model', 'toy_models:mlp', '--input', {str(path)!r}, "
+            f"'--output', {str(tmp_path / 'o')!r}, '--backend', 'ray']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("distinfer: error: --backend ray needs Ray; install it with: "
+                                     "pip install 'distinfer[ray]'")
