@@ -49,7 +49,7 @@ def test_onnx_shape_and_type_mismatches(two_input_onnx: Path) -> None:
         runner.prepare({"a": np.zeros((2, 5)), "b": np.zeros((2, 4))}, 8)
     with pytest.raises(ModelInputError, match="holds text"):
         runner.prepare({"a": ["x", "y"], "b": np.zeros((2, 4))}, 8)
-    with pytest.raises(ModelInputError, match="expects float32 but .* holds complex128"):
+    with pytest.raises(ModelInputError, match=r"expects float32 but .* holds complex128"):
         runner.prepare({"a": np.zeros((2, 4), dtype=complex), "b": np.zeros((2, 4))}, 8)
 
 

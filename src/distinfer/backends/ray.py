@@ -28,7 +28,6 @@ from ..data.blocks import Block
 from ..errors import ConfigError
 from ..runtime.messages import (
     AssignBlock,
-    BlockFinished,
     BlockUnfinished,
     CancelBlock,
     WorkerMessage,
@@ -60,7 +59,8 @@ class RayOptions:
 
     @classmethod
     def from_config(cls, config: RunConfig) -> RayOptions:
-        return cls(config.address, config.worker_cpus, config.worker_gpus, dict(config.worker_resources or {}))
+        resources = dict(config.worker_resources or {})
+        return cls(config.address, config.worker_cpus, config.worker_gpus, resources)
 
     def describe(self) -> str:
         asks = {"CPU": self.cpus, "GPU": self.gpus, **self.resources}
