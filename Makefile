@@ -49,6 +49,7 @@ test: lint typecheck
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/batch_minilm.py
 	$(BIN)/python benchmarks/scheduler_events.py
+	$(BIN)/python benchmarks/ray_vs_raydata.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
