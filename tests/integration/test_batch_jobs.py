@@ -249,3 +249,18 @@ def test_torchscript_file_over_parquet_list_column(tmp_path: Path) -> None:
     got = read_output(out)
     torch.testing.assert_close(torch.from_numpy(got["output"].astype(np.float32)), reference)
     assert_rows_exactly_once(out, 150)
+
+
+def test_decoder_two_workers_equals_single_process(small_corpus: Path, tmp_path: Path,
+                                                   corpus_lines: list[str]) -> None:
+    from distinfer.models.base import StageTimer, run_block
+    from distinfer.models.decoder import DecoderRunner
+
+    out = tmp_path / "out"
+    distinfer.run(model="decoder-tiny", input=str(small_corpus), output=str(out), workers=2,
+                  batch_size=16, block_size=64)
+    reference = run_block(DecoderRunner("tiny"), {"text": corpus_lines[:300]}, 7, StageTimer())
+    got = read_output(out)
+    torch.testing.assert_close(torch.tensor(got["hidden"], dtype=torch.float32),
+                               torch.from_numpy(reference["hidden"]))
+    np.testing.assert_array_equal(got["next_token"], reference["next_token"])

@@ -69,3 +69,10 @@ def test_parse_model_kinds(tmp_path: Path) -> None:
     assert parse_model("pkg.mod:make").kind == "torch"
     (tmp_path / "m.pt").write_bytes(b"")
     assert parse_model(str(tmp_path / "m.pt")).kind == "torch"
+
+
+def test_decoder_names() -> None:
+    assert parse_model("decoder").kind == "decoder"
+    assert parse_model("decoder-1b").kind == "decoder"
+    with pytest.raises(ModelError, match="unknown decoder size 'huge'"):
+        parse_model("decoder-huge")

@@ -15,7 +15,11 @@ from .base import Runner
 __all__ = ["ZOO", "ModelSpec", "load_runner", "parse_model"]
 
 #: built-in models, by name
-ZOO = {"minilm": "all-MiniLM-L6-v2 sentence embeddings (384-d), pretrained"}
+ZOO = {
+    "minilm": "all-MiniLM-L6-v2 sentence embeddings (384-d), pretrained",
+    "decoder": "GPT-style decoder with seeded random weights; decoder-SIZE picks the size "
+    "(tiny 1.4M, small 28M, base 135M, large 369M, 1b 1.24B, 2b 2.06B parameters; default small)",
+}
 _TORCH_FILES = (".pt", ".pth", ".ts", ".torchscript", ".pt2")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -35,8 +39,17 @@ class ModelSpec:
 
 
 def parse_model(name: str) -> ModelSpec:
-    if name in ZOO:
+    if name == "minilm":
         return ModelSpec(name, name)
+    if name.lower().startswith("decoder"):
+        from .decoder import parse_decoder_name
+
+        try:
+            config = parse_decoder_name(name)
+        except ValueError as exc:
+            raise ModelError(f"{exc}; e.g. --model decoder-tiny") from None
+        if config is not None:
+            return ModelSpec(name.lower(), "decoder")
     suffix = Path(name).suffix.lower()
     if suffix == ".onnx" or suffix in _TORCH_FILES:
         path = Path(name).expanduser()
@@ -56,6 +69,10 @@ def load_runner(spec: ModelSpec, threads: int, device: str = "cpu") -> Runner:
         from .minilm import MiniLMRunner
 
         return MiniLMRunner(device=device)
+    if spec.kind == "decoder":
+        from .decoder import DecoderRunner
+
+        return DecoderRunner(spec.name, device=device)
     if spec.kind == "onnx":
         from .onnx_runner import OnnxRunner
 
