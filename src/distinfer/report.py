@@ -8,8 +8,6 @@ model, postprocess, write, idle), and the scaling efficiency
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,12 +109,6 @@ class JobReport:
             ],
         )
         return data
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
 
     def summary(self) -> str:
         lines = [

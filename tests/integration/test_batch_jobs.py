@@ -264,3 +264,10 @@ def test_decoder_two_workers_equals_single_process(small_corpus: Path, tmp_path:
     torch.testing.assert_close(torch.tensor(got["hidden"], dtype=torch.float32),
                                torch.from_numpy(reference["hidden"]))
     np.testing.assert_array_equal(got["next_token"], reference["next_token"])
+
+
+def test_file_urls_for_input_and_output(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, data = vectors
+    out = tmp_path / "out"
+    distinfer.run(model="toy_models:mlp", input=f"file://{path}", output=f"file://{out}", workers=2)
+    assert_rows_exactly_once(out, len(data))

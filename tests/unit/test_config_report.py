@@ -82,8 +82,7 @@ def test_report_fractions_efficiency_and_json(tmp_path: Path) -> None:
     assert report.throughput == pytest.approx(200 / 3)
     assert report.steady_throughput == pytest.approx(100)
     assert report.efficiency == pytest.approx(100 / 80)
-    report.save(str(tmp_path / "r.json"))
-    saved = json.loads((tmp_path / "r.json").read_text())
+    saved = json.loads(json.dumps(report.to_dict()))
     assert saved["efficiency"] == pytest.approx(1.25)
     assert saved["worker_stats"][0]["rows"] == 200
     assert "scaling efficiency 125%" in report.summary()

@@ -1,19 +1,20 @@
 """Per-format opening (columns and row count, by streaming) and reading of one block.
 
 Line formats read exactly their block's byte range; Parquet decodes the row group holding the
-block (cached, since a worker's consecutive blocks often share one); .npy slices a memory map.
+block (cached, since a worker's consecutive blocks often share one); .npy slices a memory map,
+or reads the block's byte range of a remote file. Paths may be URLs (see `_storage`).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import functools
 import io
 import itertools
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from distinfer.data._columns import Column, arrow_column, csv_column, json_column, parse_numbers
 from distinfer.data._scan import count_ends, count_records, record_offsets
 from distinfer.data._spec import SourceSpec, changed, describe_row, name_of
+from distinfer.data._storage import locate
 from distinfer.data.blocks import Block
 from distinfer.errors import InputError
 
@@ -33,9 +35,7 @@ Opened = tuple[tuple[str, ...], int, tuple[str, ...]]  # columns, rows, numeric 
 
 
 def _read_bytes(path: str, start: int, stop: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(stop - start)
+    data = locate(path).read(start, stop)
     # a UTF-8 byte order mark is not part of the first row
     return data[len(codecs.BOM_UTF8):] if start == 0 and data.startswith(codecs.BOM_UTF8) else data
 
@@ -53,7 +53,7 @@ def _open_text(path: str) -> Opened:
 
 def _open_jsonl(path: str) -> Opened:
     rows = count_records(path, quoted=False)[0]
-    with open(path, "rb") as f:
+    with locate(path).open() as f:
         for number, line in enumerate(f, 1):
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)
@@ -110,7 +110,7 @@ def _open_csv(path: str) -> Opened:
         raise InputError(f"{name} header names column '{repeated[0]}' more than once; "
                          "rename it so each column has its own name")
     # decide each column's type once, from the first rows, so every block agrees
-    size = os.path.getsize(path)
+    size = locate(path).stat().size
     data = _read_bytes(path, header_end, min(header_end + _SAMPLE_BYTES, size))
     cut = header_end + len(data) < size
     if cut:
@@ -122,9 +122,20 @@ def _open_csv(path: str) -> Opened:
     return columns, records - 1, numeric
 
 
+@contextlib.contextmanager
+def _parquet(path: str) -> Iterator[pq.ParquetFile]:
+    where = locate(path)
+    if where.local:
+        with pq.ParquetFile(path) as file:
+            yield file
+    else:  # pre-buffering joins a row group's column chunks into few requests
+        with where.open(random_access=True) as raw, pq.ParquetFile(raw, pre_buffer=True) as file:
+            yield file
+
+
 def _open_parquet(path: str) -> Opened:
     try:
-        with pq.ParquetFile(path) as file:
+        with _parquet(path) as file:
             return tuple(file.schema_arrow.names), file.metadata.num_rows, ()
     except pa.ArrowException as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -132,18 +143,63 @@ def _open_parquet(path: str) -> Opened:
                          "check --input or --input-format") from None
 
 
+def _not_npy(path: str, reason: object) -> InputError:
+    return InputError(f"{name_of(path)} is not a readable .npy array ({reason}); "
+                      "save it with numpy.save, without object dtype")
+
+
 def _open_npy(path: str) -> Opened:
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError) as exc:
-        raise InputError(f"{name_of(path)} is not a readable .npy array ({exc}); "
-                         "save it with numpy.save, without object dtype") from None
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"{name_of(path)} is not a single .npy array; save it with numpy.save")
-    if array.ndim == 0:
+    if locate(path).local:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as exc:
+            raise _not_npy(path, exc) from None
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"{name_of(path)} is not a single .npy array; save it with numpy.save")
+        shape = array.shape
+    else:
+        shape = _npy_header(path)[2]
+    if not shape:
         raise InputError(f"{name_of(path)} holds a single value (a 0-d array); it needs one row "
                          "per input along its first axis")
-    return ("array",), int(array.shape[0]), ()
+    return ("array",), int(shape[0]), ()
+
+
+NpyLayout = tuple[int, np.dtype[Any], tuple[int, ...]]  # data offset, dtype, shape
+
+
+@functools.lru_cache(maxsize=4)
+def _npy_layout(path: str, mtime_ns: int, version: str) -> NpyLayout:
+    return _npy_header(path)  # once per worker, not once per block
+
+
+def _npy_header(path: str) -> NpyLayout:
+    """Where a remote .npy file's rows start, their dtype and the shape, from the header alone."""
+    where = locate(path)
+    head = where.read(0, 4096)
+    try:
+        if len(head) >= 12:  # the header's length is in bytes 8-9 (version 1) or 8-11
+            wide = head[6] >= 2
+            length = (12 + int.from_bytes(head[8:12], "little") if wide
+                      else 10 + int.from_bytes(head[8:10], "little"))
+            if length > len(head):
+                head = where.read(0, length)
+        f = io.BytesIO(head)
+        magic = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if magic == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+    except (ValueError, EOFError) as exc:
+        raise _not_npy(path, exc) from None
+    if dtype.hasobject:
+        raise _not_npy(path, "it holds Python objects")
+    if fortran and len(shape) > 1:
+        raise InputError(f"{name_of(path)} is stored in Fortran order, which cannot be read by "
+                         "rows from remote storage; save numpy.ascontiguousarray(array) instead")
+    offset = f.tell()
+    if where.stat().size < offset + int(np.prod(shape)) * dtype.itemsize:
+        raise _not_npy(path, "the file is shorter than its header says")
+    return offset, dtype, tuple(int(n) for n in shape)
 
 
 OPENERS: dict[str, Callable[[str], Opened]] = {
@@ -153,8 +209,8 @@ OPENERS: dict[str, Callable[[str], Opened]] = {
 
 
 @functools.lru_cache(maxsize=1)
-def group_bounds(path: str, mtime_ns: int) -> tuple[int, ...]:
-    with pq.ParquetFile(path) as file:
+def group_bounds(path: str, mtime_ns: int, version: str = "") -> tuple[int, ...]:
+    with _parquet(path) as file:
         sizes = (file.metadata.row_group(g).num_rows for g in range(file.num_row_groups))
         return tuple(itertools.accumulate(sizes, initial=0))
 
@@ -223,18 +279,18 @@ def _read_csv(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, C
 
 
 @functools.lru_cache(maxsize=1)
-def _row_group(path: str, mtime_ns: int, group: int, columns: tuple[str, ...]) -> Any:
+def _row_group(path: str, mtime_ns: int, version: str, group: int, columns: tuple[str, ...]) -> Any:
     # consecutive blocks of one worker often share a row group: decode it once
-    with pq.ParquetFile(path) as file:
+    with _parquet(path) as file:
         return file.read_row_group(group, columns=list(columns))
 
 
 def _read_parquet(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
-    bounds = group_bounds(spec.path, spec.mtime_ns)
+    bounds = group_bounds(spec.path, spec.mtime_ns, spec.version)
     pieces = []
     for group, (first, stop) in enumerate(itertools.pairwise(bounds)):
         if first < block.stop and block.start < stop:
-            table = _row_group(spec.path, spec.mtime_ns, group, tuple(columns))
+            table = _row_group(spec.path, spec.mtime_ns, spec.version, group, tuple(columns))
             low, high = max(first, block.start), min(stop, block.stop)
             pieces.append(table.slice(low - first, high - low))
     table = pa.concat_tables(pieces)
@@ -243,8 +299,18 @@ def _read_parquet(spec: SourceSpec, block: Block, columns: list[str]) -> dict[st
 
 
 def _read_npy(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
-    array = np.load(spec.path, mmap_mode="r", allow_pickle=False)
-    return {"array": np.array(array[block.start : block.stop])} if columns else {}
+    if not columns:
+        return {}
+    if locate(spec.path).local:
+        array = np.load(spec.path, mmap_mode="r", allow_pickle=False)
+        return {"array": np.array(array[block.start : block.stop])}
+    offset, dtype, shape = _npy_layout(spec.path, spec.mtime_ns, spec.version)
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    data = locate(spec.path).read(offset + block.start * row_bytes, offset + block.stop * row_bytes)
+    if len(data) != block.rows * row_bytes:
+        raise changed(spec)
+    rows = np.frombuffer(data, dtype).reshape(block.rows, *shape[1:])
+    return {"array": rows.copy()}  # writable, like a slice of a local file
 
 
 READERS: dict[str, Callable[[SourceSpec, Block, list[str]], dict[str, Column]]] = {

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from distinfer.data._storage import locate
 from distinfer.errors import InputError
 
 __all__ = ["CHUNK_BYTES", "count_ends", "count_records", "record_offsets"]
@@ -44,7 +45,7 @@ def _count_in(chunk: bytes, odd: bool, quoted: bool) -> tuple[int, bool]:
 
 
 def _chunks(path: str) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
+    with locate(path).open() as f:
         offset = 0
         while chunk := f.read(CHUNK_BYTES):
             yield offset, chunk

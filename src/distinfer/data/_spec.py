@@ -17,8 +17,9 @@ __all__ = ["SourceSpec", "changed", "describe_row", "name_of"]
 class SourceSpec:
     """What a worker needs to read blocks of one input file; small and picklable.
 
-    `numeric` lists the CSV columns whose first rows all parse as numbers: they are read as
-    arrays in every block, so a column's type never changes from one block to the next.
+    `path` is an absolute local path or a URL every worker can reach. `numeric` lists the CSV
+    columns whose first rows all parse as numbers: they are read as arrays in every block, so a
+    column's type never changes from one block to the next.
     """
 
     path: str
@@ -28,10 +29,11 @@ class SourceSpec:
     size_bytes: int
     mtime_ns: int
     numeric: tuple[str, ...] = ()
+    version: str = ""  # what identifies a remote object's version (its ETag, ...); "" if local
 
 
 def name_of(path: str) -> str:
-    return os.path.basename(path)
+    return os.path.basename(path.split("?")[0] if "://" in path else path)
 
 
 def describe_row(spec: SourceSpec, row: int) -> str:

@@ -4,14 +4,15 @@ The output directory is itself a Parquet data set (`pyarrow.dataset.dataset(DIR)
 `pandas.read_parquet(DIR)`), so every other file we keep there starts with `_` or `.`, which
 Parquet readers skip. Parts are written under a temporary name and renamed into place, so a
 reader or a resumed job sees either a whole part or none; the manifest is replaced the same way.
+
+DIR may also be a URL such as s3://bucket/out (see `_storage`): there each part and the
+manifest are written in one PUT under their final name, which is atomic on object stores.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distinfer.data._storage import Location, join_location, locate, normalize_location
+from distinfer.data._storage import reason as _reason
 from distinfer.data.blocks import Block
 from distinfer.errors import OutputError
 
@@ -28,9 +31,12 @@ __all__ = [
     "MANIFEST",
     "REPORT",
     "Manifest",
+    "join_location",
+    "normalize_location",
     "part_name",
     "prepare_output",
     "remove_temp_parts",
+    "save_json",
     "write_part",
 ]
 
@@ -45,17 +51,17 @@ def part_name(block_id: int) -> str:
     return f"part-{block_id:06d}.parquet"
 
 
-def _temp_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, f".{name}.{uuid.uuid4().hex}.tmp")
+def _out(out_dir: str) -> Location:
+    return locate(out_dir, OutputError)
 
 
-def _remove(path: str) -> None:
+def _remove(path: Location) -> None:
     try:
-        os.remove(path)
+        path.remove()
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise OutputError(f"cannot remove '{path}' ({exc.strerror}); "
+        raise OutputError(f"cannot remove '{path}' ({_reason(exc)}); "
                           "check the output directory's permissions") from None
 
 
@@ -84,34 +90,29 @@ def write_part(
             raise ValueError(f"output '{name}' has {len(values)} rows for {len(rows)} input rows")
         columns[name] = _arrow(name, values)
     table = pa.table(columns)
-    final = os.path.join(out_dir, part_name(block_id))
-    temp = _temp_path(out_dir, part_name(block_id))
+    final = _out(out_dir).child(part_name(block_id))
     # float outputs (embeddings, logits) rarely repeat, so dictionary pages only cost time;
     # snappy costs about nothing on floats and shrinks the row index and strings
     dictionary = [name for name, values in outputs.items() if values.dtype.kind not in "fc"]
-    try:
-        pq.write_table(table, temp, compression="snappy", use_dictionary=dictionary,
-                       row_group_size=max(1, len(rows)))
-        os.replace(temp, final)
+    try:  # to a temporary file renamed into place, or one PUT of the whole part
+        final.write(lambda sink: pq.write_table(
+            table, sink, compression="snappy", use_dictionary=dictionary,
+            row_group_size=max(1, len(rows))))
     except OSError as exc:
-        _remove(temp)
-        raise OutputError(f"cannot write '{final}' ({exc.strerror or exc}); check free space "
+        raise OutputError(f"cannot write '{final}' ({_reason(exc)}); check free space "
                           "and permissions of the output directory") from None
-    return final
+    return str(final)
 
 
-def _write_json(out_dir: str, name: str, data: Any) -> None:
-    temp, final = _temp_path(out_dir, name), os.path.join(out_dir, name)
+def save_json(out_dir: str, name: str, data: Any, indent: int = 1) -> str:
+    """Write `data` as DIR/name atomically (synced to disk if local); return its location."""
+    final = _out(out_dir).child(name)
     try:
-        with open(temp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())  # a power cut must not leave an empty manifest behind
-        os.replace(temp, final)
+        final.write(json.dumps(data, indent=indent).encode())
     except OSError as exc:
-        _remove(temp)
-        raise OutputError(f"cannot write '{final}' ({exc.strerror}); check free space and "
+        raise OutputError(f"cannot write '{final}' ({_reason(exc)}); check free space and "
                           "permissions of the output directory") from None
+    return str(final)
 
 
 @dataclass
@@ -125,15 +126,14 @@ class Manifest:
 
     def save(self, out_dir: str) -> None:
         committed = {str(k): v for k, v in sorted(self.committed.items())}
-        _write_json(out_dir, MANIFEST, {"job": self.job, "blocks": self.blocks,
-                                        "committed": committed, "complete": self.complete})
+        save_json(out_dir, MANIFEST, {"job": self.job, "blocks": self.blocks,
+                                      "committed": committed, "complete": self.complete})
 
     @classmethod
     def load(cls, out_dir: str) -> Manifest | None:
-        path = os.path.join(out_dir, MANIFEST)
+        path = _out(out_dir).child(MANIFEST)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(path.read())
             manifest = cls(data["job"], data["blocks"],
                            {int(k): int(v) for k, v in data["committed"].items()},
                            data["complete"])
@@ -151,37 +151,46 @@ class Manifest:
 
 def remove_temp_parts(out_dir: str) -> None:
     """Delete temporary files left by writers that died before their rename."""
-    for name in os.listdir(out_dir):
+    out = _out(out_dir)
+    try:
+        names = out.listdir()
+    except OSError as exc:
+        raise OutputError(f"cannot list output directory '{out}' ({_reason(exc)}); "
+                          "check that it is still there") from None
+    for name in names:
         if _TEMP.fullmatch(name):
-            _remove(os.path.join(out_dir, name))
+            _remove(out.child(name))
 
 
 def _ours(name: str) -> bool:
     return name in (MANIFEST, REPORT) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
 
 
-def _make_dir(out_dir: str) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"output '{out_dir}' exists and is not a directory; "
-                          "choose another --output")
+def _make_dir(out: Location) -> None:
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        if out.is_file():
+            raise OutputError(f"output '{out}' exists and is not a directory; "
+                              "choose another --output")
+        out.makedirs()  # a no-op on object stores, where directories are only key prefixes
     except OSError as exc:
-        raise OutputError(f"cannot create output directory '{out_dir}' ({exc.strerror}); "
+        raise OutputError(f"cannot create output directory '{out}' ({_reason(exc)}); "
                           "choose another --output") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory '{out_dir}' is not writable; "
+    if not out.writable():
+        raise OutputError(f"output directory '{out}' is not writable; "
                           "fix its permissions or choose another --output")
 
 
-def _footer_rows(path: str) -> int | None:
+def _footer_rows(part: Location) -> int | None:
     try:
-        return int(pq.read_metadata(path).num_rows)
+        if part.local:
+            return int(pq.read_metadata(str(part)).num_rows)
+        with part.open(random_access=True) as f:
+            return int(pq.read_metadata(f).num_rows)
     except (OSError, pa.ArrowException):
         return None
 
 
-def _resume(out_dir: str, old: Manifest, blocks: Sequence[Block], names: list[str]) -> Manifest:
+def _resume(out: Location, old: Manifest, blocks: Sequence[Block], names: list[str]) -> Manifest:
     """Keep the parts that are on disk and whole; delete the rest so they are recomputed."""
     plan = {block.id: block for block in blocks}
     committed: dict[int, int] = {}
@@ -190,7 +199,7 @@ def _resume(out_dir: str, old: Manifest, blocks: Sequence[Block], names: list[st
         if not match:
             continue
         block = plan.get(int(match[1]))
-        path = os.path.join(out_dir, name)
+        path = out.child(name)
         # a part missing from the manifest was renamed just before the driver died
         if block is not None and name == part_name(block.id) and (
             old.committed.get(block.id) == block.rows or _footer_rows(path) == block.rows
@@ -208,7 +217,8 @@ def prepare_output(
 
     `--overwrite` always starts afresh, deleting only distinfer's own files in DIR.
     """
-    _make_dir(out_dir)
+    out = _out(out_dir)
+    _make_dir(out)
     remove_temp_parts(out_dir)
     job = json.loads(json.dumps(job))  # compare the job as it reads back from the manifest
     try:
@@ -217,7 +227,7 @@ def prepare_output(
         if not overwrite:
             raise
         old = None
-    names = sorted(os.listdir(out_dir))
+    names = sorted(out.listdir())
     if old is not None and old.job != job and not overwrite:
         raise OutputError(f"output directory '{out_dir}' holds another job's output (model "
                           f"{old.job.get('model', '?')}, input {old.job.get('input', '?')}); "
@@ -234,9 +244,9 @@ def prepare_output(
     if old is None or overwrite:
         for name in names:
             if _ours(name):
-                _remove(os.path.join(out_dir, name))
+                _remove(out.child(name))
         manifest = Manifest(job, len(blocks), {})
     else:
-        manifest = _resume(out_dir, old, blocks, names)
+        manifest = _resume(out, old, blocks, names)
     manifest.save(out_dir)
     return manifest

@@ -4,19 +4,23 @@ The driver never loads the data set: `open_source` reads metadata and counts row
 `plan_blocks` streams once more to find each block's byte range (line formats) and returns
 only small `Block` records. A worker's `read_block` seeks to its own range and parses nothing
 else, so memory per process is one block whatever the file size.
+
+An input may be a local path or a URL such as s3://bucket/data.jsonl (any protocol fsspec knows,
+with its package installed): workers on other machines read their blocks from it by byte range.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import stat
 from collections.abc import Sequence
 
 from distinfer.data._columns import Column
 from distinfer.data._formats import OPENERS, READERS, group_bounds
 from distinfer.data._scan import record_offsets
 from distinfer.data._spec import SourceSpec, changed, describe_row, name_of
+from distinfer.data._storage import Stat, is_url, locate, normalize_location
+from distinfer.data._storage import reason as _reason
 from distinfer.data.blocks import Block, block_sizes
 from distinfer.errors import ConfigError, InputError
 
@@ -39,36 +43,40 @@ def open_source(path: str, format: str | None = None) -> SourceSpec:
     """Check `path`, detect or check its format, and count its rows by streaming."""
     if format is not None and format not in FORMATS:
         raise ConfigError(f"--input-format '{format}' is unknown; use one of {', '.join(FORMATS)}")
+    full = normalize_location(path)
     try:
-        info = os.stat(path)
+        info = locate(full).stat()
     except FileNotFoundError:
         raise InputError(f"input file '{path}' does not exist; check --input") from None
     except OSError as exc:
-        raise InputError(f"input file '{path}' cannot be read ({exc.strerror}); "
+        raise InputError(f"input file '{path}' cannot be read ({_reason(exc)}); "
                          "check --input") from None
-    if stat.S_ISDIR(info.st_mode):
+    if info.is_dir:
         raise InputError(f"input '{path}' is a directory; give one file with --input")
-    suffix = os.path.splitext(path)[1].lower()
+    suffix = os.path.splitext(full.split("?")[0] if is_url(full) else full)[1].lower()
     format = format or _SUFFIXES.get(suffix)
     if format is None:
         raise InputError(f"input file '{path}' has an unknown suffix '{suffix}'; name its format "
                          f"with --input-format ({', '.join(FORMATS)})")
-    full = os.path.abspath(path)
     try:
         columns, rows, numeric = OPENERS[format](full)
     except OSError as exc:
-        raise InputError(f"input file '{path}' cannot be read ({exc.strerror or exc}); "
+        raise InputError(f"input file '{path}' cannot be read ({_reason(exc)}); "
                          "check its permissions") from None
-    return SourceSpec(full, format, columns, rows, info.st_size, info.st_mtime_ns, numeric)
+    return SourceSpec(full, format, columns, rows, info.size, info.mtime_ns, numeric, info.version)
+
+
+def _stat(spec: SourceSpec) -> Stat:
+    try:
+        return locate(spec.path).stat()
+    except OSError as exc:
+        raise InputError(f"input file '{spec.path}' cannot be read any more ({_reason(exc)}); "
+                         "restore it and restart the job") from None
 
 
 def _check_unchanged(spec: SourceSpec) -> None:
-    try:
-        info = os.stat(spec.path)
-    except OSError as exc:
-        raise InputError(f"input file '{spec.path}' cannot be read any more ({exc.strerror}); "
-                         "restore it and restart the job") from None
-    if (info.st_size, info.st_mtime_ns) != (spec.size_bytes, spec.mtime_ns):
+    info = _stat(spec)
+    if (info.size, info.mtime_ns, info.version) != (spec.size_bytes, spec.mtime_ns, spec.version):
         raise changed(spec)
 
 
@@ -81,7 +89,7 @@ def plan_blocks(spec: SourceSpec, block_size: int, min_block_size: int) -> list[
     _check_unchanged(spec)
     if spec.format == "parquet":
         # a block never spans two row groups, so a worker decodes at most one group for it
-        bounds = sorted(set(bounds) | set(group_bounds(spec.path, spec.mtime_ns)))
+        bounds = sorted(set(bounds) | set(group_bounds(spec.path, spec.mtime_ns, spec.version)))
     if spec.format in ("parquet", "npy"):
         return [Block(i, a, b) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     skip = 1 if spec.format == "csv" else 0  # the header record
@@ -106,5 +114,5 @@ def read_block(spec: SourceSpec, block: Block, columns: Sequence[str]) -> dict[s
     try:
         return READERS[spec.format](spec, block, list(columns))
     except OSError as exc:
-        raise InputError(f"input file '{spec.path}' cannot be read ({exc.strerror or exc}); "
+        raise InputError(f"input file '{spec.path}' cannot be read ({_reason(exc)}); "
                          "check that it is still there and readable") from None

@@ -12,14 +12,13 @@ times a second; parts written but not yet recorded are adopted on resume).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable
 
 from ..backends import Backend, WorkerGone, make_backend
 from ..config import RunConfig
 from ..data.blocks import Block
-from ..data.sink import REPORT, prepare_output, remove_temp_parts
+from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
 from ..errors import ErrorInfo, InputError, JobFailedError
 from ..models.registry import parse_model
@@ -57,6 +56,7 @@ def _job_identity(config: RunConfig, source: SourceSpec, blocks: list[Block]) ->
         "input_format": source.format,
         "input_size": source.size_bytes,
         "input_mtime_ns": source.mtime_ns,
+        **({"input_version": source.version} if source.version else {}),
         "column": config.column,
         "rows": source.num_rows,
         "blocks": len(blocks),
@@ -75,7 +75,7 @@ class _Job:
                 f"input '{config.input}' has no column '{config.column}' "
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
-        self.output_dir = os.path.abspath(config.output)
+        self.output_dir = normalize_location(config.output)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
             config.device,
@@ -113,7 +113,7 @@ class _Job:
         self.manifest.save(self.output_dir)
         self.report.wall_s = time.monotonic() - self.started
         self.report.worker_stats = [self.stats[w] for w in sorted(self.stats)]
-        self.report.save(os.path.join(self.output_dir, REPORT))
+        save_json(self.output_dir, REPORT, self.report.to_dict(), indent=2)
         return self.report
 
     def _loop(self, backend: Backend, todo: dict[int, int], workers: list[int]) -> None:
