@@ -82,6 +82,55 @@ def _bench_parser(sub: Any) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _plan_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="cut a model into balanced pipeline stages and show each stage's time and memory",
+        description=(
+            "Measure each layer of MODEL (one layer in memory at a time) and cut the layers into "
+            "STAGES contiguous pipeline stages that minimise the slowest stage, within "
+            "--worker-memory per stage. Prints the cut, each stage's predicted time per "
+            "micro-batch and memory, and the pipeline bubble."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", "-m", required=True, help="a layered built-in model: minilm, decoder-SIZE")
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: 2, or the fewest that fit --worker-memory)")
+    p.add_argument("--worker-memory", default=None, help="memory limit per stage worker, e.g. 3GiB")
+    p.add_argument("--cuts", default=None, help="explicit cut points instead of the balanced cut: layer indices where stages 2.. start, e.g. 4,9")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row for the measurement")
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches in flight, for the bubble figure")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _cmd_plan(args: dict[str, Any]) -> int:
+    from .planning import balanced_cut, explicit_cut, format_bytes, min_stages_for_memory, parse_memory
+    from .planning.layers import model_layer_costs
+
+    limit = parse_memory(args["worker_memory"]) if args["worker_memory"] else None
+    costs = model_layer_costs(args["model"], args["batch_size"], args["seq_len"])
+    names = [c.name for c in costs]
+    if args["cuts"]:
+        try:
+            points = [int(x) for x in args["cuts"].split(",")]
+        except ValueError:
+            raise ConfigError(f"--cuts: expected layer indices like 4,9, got {args['cuts']!r}") from None
+        plan = explicit_cut(costs, points, limit)
+    else:
+        stages = args["stages"]
+        if stages is None:
+            stages = max(2, min_stages_for_memory(costs, limit) or 2) if limit else 2
+        plan = balanced_cut(costs, stages, limit)
+    total = sum(c.weight_bytes for c in costs)
+    print(f"{args['model']}: {len(costs)} layers, {format_bytes(total)} of weights"
+          + (f", limit {format_bytes(limit)} per worker" if limit else ""))
+    print(plan.describe(names))
+    p, m = len(plan.stages), args["micro_batches"]
+    print(f"bubble with {m} micro-batches: {plan.bubble(m):.1%} = (p-1)/(m+p-1) for p={p}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distinfer",
@@ -91,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub)
     _bench_parser(sub)
+    _plan_parser(sub)
     sub.add_parser("models", help="list the built-in models")
     return parser
 
@@ -131,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if command == "bench":
             return _cmd_bench(args)
+        if command == "plan":
+            return _cmd_plan(args)
         from .models.registry import ZOO
 
         for name, text in ZOO.items():

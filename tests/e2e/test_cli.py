@@ -118,3 +118,21 @@ def test_bench_prints_a_baseline(vectors: tuple[Path, np.ndarray]) -> None:
     result = distinfer("bench", "--model", "toy_models:mlp", "--input", str(path), "--rows", "256")
     assert result.returncode == 0, result.stderr
     assert "rows/s" in result.stdout and "--baseline-throughput" in result.stdout
+
+
+def test_plan_balances_decoder_stages_within_memory() -> None:
+    result = distinfer("plan", "--model", "decoder-tiny", "--stages", "3", "--batch-size", "2", "--seq-len", "16")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("decoder-tiny: 8 layers")
+    assert sum(1 for line in lines if line[:1].isdigit()) == 3  # one row per stage
+    assert "bubble with 8 micro-batches: 20.0%" in result.stdout
+
+
+def test_plan_explicit_cuts_and_impossible_memory_limit() -> None:
+    result = distinfer("plan", "--model", "decoder-tiny", "--cuts", "2,5", "--batch-size", "2", "--seq-len", "8")
+    assert result.returncode == 0, result.stderr
+    assert "embedding..block 0" in result.stdout and "block 1..block 3" in result.stdout
+    line = one_line_error(distinfer("plan", "--model", "decoder-tiny", "--worker-memory", "100KiB",
+                                    "--batch-size", "2", "--seq-len", "8"))
+    assert "--worker-memory" in line
