@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelInputError
+from ._batching import padded_batches
 from .base import Batches, Column, Runner
-from .minilm import PAD_TOLERANCE, _length_buckets
 
 __all__ = [
     "BOS_ID", "BYTE_OFFSET", "DECODER_SIZES", "DEFAULT_SIZE", "Activation", "DecoderConfig",
@@ -272,7 +272,6 @@ class DecoderRunner(Runner):
             self.config = parse_decoder_name(size) or decoder_config(size)
         self.device = torch.device(device)
         self.model = DecoderStage(self.config, dtype=dtype, device=self.device)
-        self.pad_tolerance = PAD_TOLERANCE.get(self.device.type, 0.25)
 
     def _rows(self, column: Column) -> list[np.ndarray]:
         cfg = self.config
@@ -298,19 +297,7 @@ class DecoderRunner(Runner):
         return [row[: min(int(n), cfg.max_seq_len)] for row, n in zip(ids, lengths, strict=True)]
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
-        ids = self._rows(inputs["text"])
-        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        batches = []
-        for chosen in _length_buckets(order, lengths, batch_size, self.pad_tolerance):
-            width = int(lengths[chosen[0]])
-            tokens = np.zeros((len(chosen), width), dtype=np.int64)
-            mask = np.zeros((len(chosen), width), dtype=np.bool_)
-            for row, i in enumerate(chosen):
-                tokens[row, : lengths[i]] = ids[i]
-                mask[row, : lengths[i]] = True
-            batches.append((torch.from_numpy(tokens), torch.from_numpy(mask)))
-        return Batches(batches, order)
+        return padded_batches(self._rows(inputs["text"]), batch_size, self.device.type, torch.bool)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         ids, mask = (t.to(self.device) for t in batch)

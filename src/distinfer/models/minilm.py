@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, ModelInputError
+from ._batching import padded_batches
 from .base import Batches, Column, Runner
 from .bert import load_bert
 
@@ -48,26 +49,13 @@ class MiniLMRunner(Runner):
         self.tokenizer.enable_truncation(max_length=int(max_len))
         self.device = torch.device(device)
         self.model = load_bert(path).to(self.device)
-        self.pad_tolerance = PAD_TOLERANCE.get(self.device.type, 0.25)
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         texts = inputs["text"]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ModelInputError("model 'minilm' embeds text; --column must name a text column")
         ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        batches = []
-        for chosen in _length_buckets(order, lengths, batch_size, self.pad_tolerance):
-            width = int(lengths[chosen[0]])
-            input_ids = np.zeros((len(chosen), width), dtype=np.int64)
-            mask = np.zeros((len(chosen), width), dtype=np.int64)
-            for row, i in enumerate(chosen):
-                n = int(lengths[i])
-                input_ids[row, :n] = ids[i]
-                mask[row, :n] = 1
-            batches.append((torch.from_numpy(input_ids), torch.from_numpy(mask)))
-        return Batches(batches, order)
+        return padded_batches(ids, batch_size, self.device.type)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         input_ids, mask = (t.to(self.device) for t in batch)
@@ -78,32 +66,3 @@ class MiniLMRunner(Runner):
             pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
             embedding = F.normalize(pooled, p=2, dim=1)
         return {"embedding": embedding.cpu().numpy()}
-
-
-# A batch is cut short when the next (shorter) row is more than this share shorter than the
-# batch's longest row. With rows sorted by length this keeps padding small even in small
-# blocks, where a fixed batch of 64 would span very different lengths. On one CPU thread
-# a batch of 8-16 rows runs as fast per row as one of 64 (measured: 256-row blocks went
-# from 127 to 155 rows/s); a GPU wants fuller batches, so it tolerates more padding.
-PAD_TOLERANCE = {"cpu": 0.05, "cuda": 0.25}
-_MIN_BUCKET = 8
-
-
-def _length_buckets(
-    order: np.ndarray, lengths: np.ndarray, batch_size: int, tolerance: float
-) -> list[np.ndarray]:
-    """Split rows (sorted longest first) into batches of at most `batch_size` rows."""
-    buckets: list[np.ndarray] = []
-    start = 0
-    n = len(order)
-    while start < n:
-        width = lengths[order[start]]
-        stop = min(start + batch_size, n)
-        floor = width * (1.0 - tolerance)
-        cut = start + _MIN_BUCKET
-        while cut < stop and lengths[order[cut]] >= floor:
-            cut += 1
-        stop = min(stop, max(cut, start + 1))
-        buckets.append(order[start:stop])
-        start = stop
-    return buckets
