@@ -136,3 +136,35 @@ def test_plan_explicit_cuts_and_impossible_memory_limit() -> None:
     line = one_line_error(distinfer("plan", "--model", "decoder-tiny", "--worker-memory", "100KiB",
                                     "--batch-size", "2", "--seq-len", "8"))
     assert "--worker-memory" in line
+
+
+def test_ctrl_c_then_the_same_command_resumes(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    path, data = vectors
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "distinfer.cli", "run", "--model", "toy_models:slow_mlp", "--input",
+            str(path), "--output", str(out), "--workers", "2", "--batch-size", "16", "--block-size", "64"]
+    env = {**os.environ, "PYTHONPATH": str(HELPERS), "TOY_DELAY_S": "0.1"}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted; run the same command again to resume" in stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["committed"]
+
+    env["TOY_DELAY_S"] = "0"
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    report = json.loads((out / "_report.json").read_text())
+    assert report["rows_resumed"] > 0 and report["rows"] + report["rows_resumed"] == len(data)
+    rows = ds.dataset(str(out)).to_table().column("row").to_numpy()
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(data)))
