@@ -148,14 +148,19 @@ class Progress:
         self.total = total
         self.started = time.monotonic()
         self._last_draw = 0.0
+        self._first: tuple[float, int] | None = None  # (time, rows) of the first progress
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self._last_draw < 0.2):
             return
         self._last_draw = now
-        elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
+        if self._first is None and done > 0:
+            self._first = (now, done)
+        # The rate counts from the first finished rows, so start-up does not skew the ETA.
+        since, base = self._first if self._first is not None else (self.started, 0)
+        elapsed = now - since
+        rate = (done - base) / elapsed if elapsed > 0 and done > base else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         width = 30
         filled = int(width * done / self.total) if self.total else width
