@@ -1,0 +1,109 @@
+"""A short check for a machine with a CUDA GPU (a few minutes; never needed by the tests).
+
+1. The `decoder` runner on the GPU equals the CPU within float32-on-GPU tolerances.
+2. `minilm` on the GPU equals the CPU (skipped when the weights package is missing).
+3. `distinfer run --device cuda` end to end with 1 and 2 workers sharing the GPU: every
+   row exactly once, outputs equal to the in-process GPU runner, throughput printed.
+
+    PYTHONPATH=src python benchmarks/gpu_check.py [--rows 2000] [--size base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "examples" / "kjv-verses.txt"
+
+
+def timed_block(runner: object, texts: list[str]) -> tuple[dict[str, np.ndarray], float]:
+    from distinfer.models.base import StageTimer, run_block
+
+    run_block(runner, {"text": texts[:64]}, 64, StageTimer())  # type: ignore[arg-type]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = run_block(runner, {"text": texts}, 64, StageTimer())  # type: ignore[arg-type]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, len(texts) / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--size", default="base")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from distinfer.models.decoder import DecoderRunner
+
+    texts = CORPUS.read_text(encoding="utf-8").splitlines()[: args.rows]
+    failed = False
+    cpu, cpu_rate = timed_block(DecoderRunner(args.size, device="cpu"), texts[:256])
+    gpu_runner = DecoderRunner(args.size, device="cuda")
+    gpu, _ = timed_block(gpu_runner, texts[:256])
+    diff = float(np.abs(cpu["hidden"] - gpu["hidden"]).max())
+    agree = float((cpu["next_token"] == gpu["next_token"]).mean())
+    ok = diff < 1e-3 and agree >= 0.99
+    failed |= not ok
+    print(f"decoder-{args.size} cuda vs cpu: max |diff| {diff:.2e}, next_token agreement {agree:.1%}, "
+          f"cpu {cpu_rate:.1f} rows/s  {'PASS' if ok else 'FAIL'}")
+    full, gpu_rate = timed_block(gpu_runner, texts)
+    print(f"decoder-{args.size} one process on the GPU: {gpu_rate:.1f} rows/s")
+
+    try:
+        from distinfer.models.minilm import MiniLMRunner
+
+        m_cpu, _ = timed_block(MiniLMRunner(device="cpu"), texts[:256])
+        m_gpu, m_rate = timed_block(MiniLMRunner(device="cuda"), texts)
+        diff = float(np.abs(m_cpu["embedding"] - m_gpu["embedding"][:256]).max())
+        ok = diff < 1e-4
+        failed |= not ok
+        print(f"minilm cuda vs cpu: max |diff| {diff:.2e}, {m_rate:.1f} rows/s on the GPU  "
+              f"{'PASS' if ok else 'FAIL'}")
+    except Exception as exc:  # the weights package may be missing on this machine
+        print(f"minilm: SKIP ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+
+    import pyarrow.dataset as ds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "in.txt"
+        corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        for workers in (1, 2):
+            out = Path(tmp) / f"out{workers}"
+            cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", f"decoder-{args.size}",
+                   "--input", str(corpus), "--output", str(out), "--workers", str(workers),
+                   "--device", "cuda", "--threads-per-worker", "2", "--no-progress"]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"distinfer run --device cuda --workers {workers}: FAIL\n{result.stderr[-2000:]}")
+                failed = True
+                continue
+            table = ds.dataset(str(out)).to_table().sort_by("row")
+            rows = table.column("row").to_numpy()
+            hidden = np.asarray(table.column("hidden").to_pylist(), dtype=np.float32)
+            diff = float(np.abs(hidden - full["hidden"]).max())
+            ok = np.array_equal(rows, np.arange(len(texts))) and diff < 1e-3
+            failed |= not ok
+            print(f"distinfer run --device cuda --workers {workers}: rows exactly once "
+                  f"{np.array_equal(rows, np.arange(len(texts)))}, max |diff| vs in-process {diff:.2e}  "
+                  f"{'PASS' if ok else 'FAIL'}")
+            print("   " + result.stderr.strip().splitlines()[0])
+    print("FAIL" if failed else "ALL PASS")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
