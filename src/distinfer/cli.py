@@ -48,11 +48,22 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--worker-resource", dest="worker_resources", action="append", type=_resource, metavar="NAME=AMOUNT", help="ray: a custom resource each worker asks for, to pin workers to kinds of nodes (repeatable)")
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds (default 600)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device for the model (default cpu)")
+    p.add_argument("--strategy", choices=["data", "pipeline"], help="data: a whole model copy per worker (default); pipeline: each worker is a group of stage processes, each holding only its layers (decoder-SIZE models)")
+    p.add_argument("--stages", type=int, help="pipeline: stages per worker (default 2, or the fewest that fit --worker-memory)")
+    p.add_argument("--cuts", type=_cuts, help="pipeline: explicit cut points, the first layer of stages 2.. (e.g. 4,9); see 'distinfer plan'")
+    p.add_argument("--worker-memory", help="memory limit per worker process, e.g. 3GiB: pipeline stages are cut to fit it, and a model larger than it is refused for --strategy data")
     p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
     p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
     p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _cuts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like 4,9, got {text!r}") from None
 
 
 def _resource(text: str) -> tuple[str, float]:

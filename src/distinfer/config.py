@@ -40,6 +40,10 @@ class RunConfig:
     worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
     worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
     device: str = "cpu"
+    strategy: str = "data"  # "data" (whole model per worker) or "pipeline" (stages per replica)
+    stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
+    cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
+    worker_memory: str | None = None  # per-process memory limit for planning, e.g. "3GiB"
     prefetch: int = 2
     max_restarts: int = 3
     start_timeout_s: float = 600.0
@@ -74,6 +78,10 @@ class RunConfig:
         for name, amount in (self.worker_resources or {}).items():
             if not isinstance(amount, (int, float)) or amount < 0:
                 raise ConfigError(f"--worker-resource {name}: the amount must be a number >= 0")
+        if self.strategy not in ("data", "pipeline"):
+            raise ConfigError(f"--strategy must be data or pipeline, got {self.strategy!r}")
+        if self.stages is not None and self.stages < 1:
+            raise ConfigError(f"--stages must be >= 1, got {self.stages}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
 

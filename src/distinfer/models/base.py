@@ -78,6 +78,10 @@ class Runner(ABC):
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         """Run one batch; every output has the batch's rows as its first axis."""
 
+    def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Run a block's batches; a pipeline overrides this to keep every stage busy."""
+        return [self.forward(batch) for batch in batches]
+
 
 def run_block(
     runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer
@@ -86,9 +90,7 @@ def run_block(
     t = time.perf_counter()
     prepared = runner.prepare(inputs, batch_size)
     t = timer.add("preprocess", t)
-    pieces: list[dict[str, np.ndarray]] = []
-    for batch in prepared.batches:
-        pieces.append(runner.forward(batch))
+    pieces = runner.forward_many(prepared.batches)
     t = timer.add("model", t)
     if not pieces:
         return {}

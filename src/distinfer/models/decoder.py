@@ -58,9 +58,21 @@ from ._batching import padded_batches
 from .base import Batches, Column, Runner
 
 __all__ = [
-    "BOS_ID", "BYTE_OFFSET", "DECODER_SIZES", "DEFAULT_SIZE", "Activation", "DecoderConfig",
-    "DecoderRunner", "DecoderStage", "build_layer", "build_layers", "decoder_config", "encode_text",
-    "layer_seed", "parse_decoder_name",
+    "BOS_ID",
+    "BYTE_OFFSET",
+    "DECODER_SIZES",
+    "DEFAULT_SIZE",
+    "Activation",
+    "DecoderConfig",
+    "DecoderRunner",
+    "DecoderStage",
+    "build_layer",
+    "build_layers",
+    "decoder_config",
+    "decoder_rows",
+    "encode_text",
+    "layer_seed",
+    "parse_decoder_name",
 ]
 
 BOS_ID = 1  # id 0 is padding
@@ -258,6 +270,30 @@ def encode_text(text: str, max_seq_len: int) -> np.ndarray:
     return np.concatenate([[BOS_ID], data.astype(np.int64) + BYTE_OFFSET])
 
 
+def decoder_rows(cfg: DecoderConfig, column: Column) -> list[np.ndarray]:
+    """A text or token-id column as one int64 id array per row (see the module docstring)."""
+    if isinstance(column, list):
+        if not all(isinstance(t, str) for t in column):
+            raise ModelInputError("model 'decoder' takes text or an integer array of token ids")
+        return [encode_text(t, cfg.max_seq_len) for t in column]
+    if column.ndim != 2 or column.dtype.kind not in "iu":
+        raise ModelInputError(
+            f"model 'decoder' takes text or an integer array [rows, tokens] of token ids "
+            f"(pad with -1), not {column.dtype} of shape {list(column.shape)}"
+        )
+    ids = column.astype(np.int64, copy=False)
+    real = ids >= 0
+    lengths = real.sum(axis=1)
+    bad = np.flatnonzero((real != (np.arange(ids.shape[1]) < lengths[:, None])).any(axis=1)
+                         | (lengths == 0) | (ids >= cfg.vocab_size).any(axis=1))
+    if len(bad):
+        raise ModelInputError(
+            f"row {int(bad[0])} of the token ids is not 1+ ids in [0, {cfg.vocab_size}) "
+            "followed only by negative padding"
+        )
+    return [row[: min(int(n), cfg.max_seq_len)] for row, n in zip(ids, lengths, strict=True)]
+
+
 class DecoderRunner(Runner):
     """The whole decoder in one process (data parallelism); see the module docstring."""
 
@@ -273,31 +309,9 @@ class DecoderRunner(Runner):
         self.device = torch.device(device)
         self.model = DecoderStage(self.config, dtype=dtype, device=self.device)
 
-    def _rows(self, column: Column) -> list[np.ndarray]:
-        cfg = self.config
-        if isinstance(column, list):
-            if not all(isinstance(t, str) for t in column):
-                raise ModelInputError("model 'decoder' takes text or an integer array of token ids")
-            return [encode_text(t, cfg.max_seq_len) for t in column]
-        if column.ndim != 2 or column.dtype.kind not in "iu":
-            raise ModelInputError(
-                f"model 'decoder' takes text or an integer array [rows, tokens] of token ids "
-                f"(pad with -1), not {column.dtype} of shape {list(column.shape)}"
-            )
-        ids = column.astype(np.int64, copy=False)
-        real = ids >= 0
-        lengths = real.sum(axis=1)
-        bad = np.flatnonzero((real != (np.arange(ids.shape[1]) < lengths[:, None])).any(axis=1)
-                             | (lengths == 0) | (ids >= cfg.vocab_size).any(axis=1))
-        if len(bad):
-            raise ModelInputError(
-                f"row {int(bad[0])} of the token ids is not 1+ ids in [0, {cfg.vocab_size}) "
-                "followed only by negative padding"
-            )
-        return [row[: min(int(n), cfg.max_seq_len)] for row, n in zip(ids, lengths, strict=True)]
-
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
-        return padded_batches(self._rows(inputs["text"]), batch_size, self.device.type, torch.bool)
+        rows = decoder_rows(self.config, inputs["text"])
+        return padded_batches(rows, batch_size, self.device.type, torch.bool)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         ids, mask = (t.to(self.device) for t in batch)

@@ -42,6 +42,7 @@ from ..scheduling import (
     WorkerReady,
 )
 from . import messages as msg
+from .strategy import plan_stages
 
 __all__ = ["run_job"]
 
@@ -76,9 +77,10 @@ class _Job:
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
         self.output_dir = normalize_location(config.output)
+        stages = plan_stages(config, model.name)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
-            config.device,
+            config.device, stages,
         )
         self.backend_factory = backend_factory
         self.report = JobReport(

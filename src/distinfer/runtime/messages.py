@@ -38,6 +38,7 @@ class WorkerSpec:
     batch_size: int
     threads: int
     device: str = "cpu"
+    stages: tuple[tuple[int, int], ...] = ()  # pipeline: layer range of each stage; () = whole model
 
 
 # driver -> worker

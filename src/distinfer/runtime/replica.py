@@ -17,8 +17,8 @@ import numpy as np
 from ..data.blocks import Block
 from ..data.sink import write_part
 from ..data.sources import describe_row, read_block
-from ..errors import DistinferError, ErrorInfo, ModelInputError
-from ..models.base import StageTimer, run_block
+from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError
+from ..models.base import Runner, StageTimer, run_block
 from ..models.registry import load_runner
 from .messages import BlockFinished, WorkerReady, WorkerSpec
 
@@ -50,7 +50,16 @@ class Replica:
     def __init__(self, worker: int, spec: WorkerSpec, entered_at: float) -> None:
         self.worker = worker
         self.spec = spec
-        self.runner = load_runner(spec.model, spec.threads, spec.device)
+        if spec.stages:
+            from ..models.decoder import parse_decoder_name
+            from .pipeline import PipelineRunner
+
+            config = parse_decoder_name(spec.model.name)
+            if config is None:
+                raise ModelError(f"model '{spec.model.name}' cannot be cut into pipeline stages")
+            self.runner: Runner = PipelineRunner(config, spec.stages, spec.threads, spec.device)
+        else:
+            self.runner = load_runner(spec.model, spec.threads, spec.device)
         self.binding = self.runner.bind(spec.source.columns, spec.column)
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at

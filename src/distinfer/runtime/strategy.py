@@ -1,0 +1,67 @@
+"""Choosing how a replica holds the model: whole (data parallel) or cut into stages.
+
+Runs in the driver before any worker starts, so that a model that cannot fit is refused
+with sizes and alternatives, and a pipeline's cut is printed before the job runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..planning import (
+    LayerCost,
+    balanced_cut,
+    explicit_cut,
+    format_bytes,
+    min_stages_for_memory,
+    parse_memory,
+)
+
+__all__ = ["plan_stages"]
+
+
+def _weight_costs(model: str) -> list[LayerCost] | None:
+    """Cheap per-layer weight sizes from the config alone (no layer is built)."""
+    if not model.startswith("decoder"):
+        return None
+    from ..models.decoder import parse_decoder_name
+
+    config = parse_decoder_name(model)
+    if config is None:
+        return None
+    return [LayerCost(str(i), float(n), 4 * n, 0) for i, n in enumerate(config.layer_parameters())]
+
+
+def plan_stages(config: RunConfig, model: str) -> tuple[tuple[int, int], ...]:
+    """The stages' layer ranges for `--strategy pipeline`, () for `--strategy data`."""
+    limit = parse_memory(config.worker_memory) if config.worker_memory else None
+    weights = _weight_costs(model)
+    if config.strategy == "data":
+        total = sum(c.weight_bytes for c in weights) if weights else 0
+        if limit is not None and weights and total > limit:
+            fewest = min_stages_for_memory(weights, limit)
+            hint = f"--strategy pipeline --stages {fewest}" if fewest else "a larger --worker-memory"
+            raise ConfigError(
+                f"model '{model}' has {format_bytes(total)} of weights, more than --worker-memory "
+                f"{format_bytes(limit)}, so --strategy data cannot hold it in one worker; use {hint} "
+                "('distinfer plan' shows the cut)"
+            )
+        return ()
+    if weights is None:
+        raise ConfigError(
+            f"--strategy pipeline needs a model that can be cut into stages (decoder-SIZE); "
+            f"'{model}' runs with --strategy data"
+        )
+    from ..planning.layers import model_layer_costs
+
+    costs = model_layer_costs(model, config.batch_size, 64)
+    if config.cuts:
+        plan = explicit_cut(costs, config.cuts, limit)
+    else:
+        stages = config.stages or max(2, (min_stages_for_memory(costs, limit) or 2) if limit else 2)
+        plan = balanced_cut(costs, stages, limit)
+    print(f"distinfer: pipeline of {len(plan.stages)} stages for {model}:", file=sys.stderr)
+    print(plan.describe([c.name for c in costs]), file=sys.stderr)
+    return tuple((s.start, s.stop) for s in plan.stages)
