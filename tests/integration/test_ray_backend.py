@@ -135,3 +135,13 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path: Path, vectors: tu
     assert result.returncode == 2
     assert result.stderr.strip() == ("distinfer: error: --backend ray needs Ray; install it with: "
                                      "pip install 'distinfer[ray]'")
+
+
+def test_pipeline_on_ray_equals_local(cluster: Cluster, small_corpus: Path, tmp_path: Path) -> None:
+    options = dict(model="decoder-tiny", input=str(small_corpus), workers=2, strategy="pipeline", stages=2,
+                   batch_size=16, block_size=128)
+    distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    distinfer.run(model="decoder-tiny", input=str(small_corpus), output=str(tmp_path / "local"), batch_size=16,
+                  block_size=128)
+    on_ray, local = table(tmp_path / "ray"), table(tmp_path / "local")
+    torch.testing.assert_close(torch.tensor(on_ray["hidden"]), torch.tensor(local["hidden"]))
