@@ -116,10 +116,11 @@ def _plan_parser(sub: Any) -> None:
 
 
 def _cmd_plan(args: dict[str, Any]) -> int:
-    from .planning import balanced_cut, explicit_cut, format_bytes, min_stages_for_memory, parse_memory
+    from .planning import balanced_cut, explicit_cut, format_bytes, min_stages_for_memory
     from .planning.layers import model_layer_costs
+    from .runtime.strategy import RUNTIME_RESERVE, usable_memory
 
-    limit = parse_memory(args["worker_memory"]) if args["worker_memory"] else None
+    limit = usable_memory(args["worker_memory"])
     costs = model_layer_costs(args["model"], args["batch_size"], args["seq_len"])
     names = [c.name for c in costs]
     if args["cuts"]:
@@ -135,7 +136,8 @@ def _cmd_plan(args: dict[str, Any]) -> int:
         plan = balanced_cut(costs, stages, limit)
     total = sum(c.weight_bytes for c in costs)
     print(f"{args['model']}: {len(costs)} layers, {format_bytes(total)} of weights"
-          + (f", limit {format_bytes(limit)} per worker" if limit else ""))
+          + (f", {format_bytes(limit)} per worker for the model ({args['worker_memory']} less "
+             f"{format_bytes(RUNTIME_RESERVE)} for the runtime)" if limit else ""))
     print(plan.describe(names))
     p, m = len(plan.stages), args["micro_batches"]
     print(f"bubble with {m} micro-batches: {plan.bubble(m):.1%} = (p-1)/(m+p-1) for p={p}")

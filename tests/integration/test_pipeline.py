@@ -46,7 +46,7 @@ def test_pipeline_equals_the_unsplit_model(
 
 def test_data_strategy_refuses_a_model_larger_than_worker_memory(tmp_path: Path, small_corpus: Path) -> None:
     with pytest.raises(distinfer.ConfigError, match=r"'decoder-1b' has 4.6 GiB of weights, more than "
-                                                    r"--worker-memory 2 GiB.*--strategy pipeline --stages 3"):
+                                                    r"--worker-memory 2GiB leaves.*--strategy pipeline --stages 4"):
         distinfer.run(model="decoder-1b", input=str(small_corpus), output=str(tmp_path / "o"),
                       worker_memory="2GiB")
 
