@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import importlib.util
 import sys
 import time
 from collections import deque
-from pathlib import Path
-
-if importlib.util.find_spec("distinfer") is None:  # not installed: run from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distinfer.scheduling import (
     Action,

@@ -42,10 +42,10 @@ def bench(
 ) -> float:
     """Single-worker throughput (rows/s) of `model` on the first `rows` rows of `input`,
     in this process with `threads` threads: the baseline for the scaling efficiency."""
-    from .data.sources import open_source, plan_blocks, read_block
+    from .data.sources import open_source, plan_blocks
     from .models.base import StageTimer, run_block
     from .models.registry import load_runner, parse_model
-    from .runtime.replica import limit_threads
+    from .runtime.replica import limit_threads, read_inputs
 
     limit_threads(threads)
     spec = parse_model(model)
@@ -55,8 +55,7 @@ def bench(
     blocks = plan_blocks(source, max(rows, 1), max(rows, 1))
     if not blocks:
         return 0.0
-    columns = read_block(source, blocks[0], list(dict.fromkeys(binding.values())))
-    inputs = {name: columns[col] for name, col in binding.items()}
+    inputs = read_inputs(source, blocks[0], binding)
     warm = {name: value[:batch_size] for name, value in inputs.items()}
     run_block(runner, warm, batch_size, StageTimer())
     start = time.perf_counter()

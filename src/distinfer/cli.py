@@ -108,7 +108,7 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--model", "-m", required=True, help="a layered built-in model: minilm, decoder-SIZE")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: 2, or the fewest that fit --worker-memory)")
     p.add_argument("--worker-memory", default=None, help="memory limit per stage worker, e.g. 3GiB")
-    p.add_argument("--cuts", default=None, help="explicit cut points instead of the balanced cut: layer indices where stages 2.. start, e.g. 4,9")
+    p.add_argument("--cuts", type=_cuts, default=None, help="explicit cut points instead of the balanced cut: layer indices where stages 2.. start, e.g. 4,9")
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row for the measurement")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches in flight, for the bubble figure")
@@ -116,24 +116,14 @@ def _plan_parser(sub: Any) -> None:
 
 
 def _cmd_plan(args: dict[str, Any]) -> int:
-    from .planning import balanced_cut, explicit_cut, format_bytes, min_stages_for_memory
+    from .planning import format_bytes
     from .planning.layers import model_layer_costs
-    from .runtime.strategy import RUNTIME_RESERVE, usable_memory
+    from .runtime.strategy import RUNTIME_RESERVE, choose_plan, usable_memory
 
     limit = usable_memory(args["worker_memory"])
     costs = model_layer_costs(args["model"], args["batch_size"], args["seq_len"])
     names = [c.name for c in costs]
-    if args["cuts"]:
-        try:
-            points = [int(x) for x in args["cuts"].split(",")]
-        except ValueError:
-            raise ConfigError(f"--cuts: expected layer indices like 4,9, got {args['cuts']!r}") from None
-        plan = explicit_cut(costs, points, limit)
-    else:
-        stages = args["stages"]
-        if stages is None:
-            stages = max(2, min_stages_for_memory(costs, limit) or 2) if limit else 2
-        plan = balanced_cut(costs, stages, limit)
+    plan = choose_plan(costs, args["stages"], args["cuts"], limit)
     total = sum(c.weight_bytes for c in costs)
     print(f"{args['model']}: {len(costs)} layers, {format_bytes(total)} of weights"
           + (f", {format_bytes(limit)} per worker for the model ({args['worker_memory']} less "

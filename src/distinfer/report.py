@@ -47,7 +47,8 @@ class WorkerStats:
 
     @property
     def busy_fraction(self) -> float:
-        return 1.0 - self.fractions()["idle"] - self.fractions()["other"]
+        f = self.fractions()
+        return 1.0 - f["idle"] - f["other"]
 
     @property
     def overhead_fraction(self) -> float:

@@ -5,15 +5,9 @@ No processes; the profiling tests time tiny layers for a few milliseconds.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-
-if importlib.util.find_spec("distinfer") is None:  # not installed: run from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import numpy as np
 import pytest

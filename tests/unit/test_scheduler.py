@@ -6,15 +6,9 @@ No processes and no sleeps: time is a number passed to each call.
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import itertools
-import sys
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-
-if importlib.util.find_spec("distinfer") is None:  # not installed: run from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import pytest
 from hypothesis import given, settings

@@ -21,7 +21,7 @@ from ..data.blocks import Block
 from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
 from ..errors import ErrorInfo, InputError, JobFailedError
-from ..models.registry import parse_model
+from ..models.registry import ModelSpec, parse_model
 from ..report import JobReport, Progress, WorkerStats
 from ..scheduling import (
     Action,
@@ -49,10 +49,12 @@ __all__ = ["run_job"]
 _MANIFEST_EVERY_S = 0.5
 
 
-def _job_identity(config: RunConfig, source: SourceSpec, blocks: list[Block]) -> dict[str, object]:
+def _job_identity(
+    config: RunConfig, model: ModelSpec, source: SourceSpec, blocks: list[Block]
+) -> dict[str, object]:
     plan = hashlib.sha256(repr([(b.start, b.stop) for b in blocks]).encode()).hexdigest()[:16]
     return {
-        **parse_model(config.model).identity(),
+        **model.identity(),
         "input": source.path,
         "input_format": source.format,
         "input_size": source.size_bytes,
@@ -93,6 +95,7 @@ class _Job:
     def run(self) -> JobReport:
         # Workers load their model while the driver plans blocks.
         backend = self.backend_factory(self.spec)
+        finished = False
         try:
             workers = list(range(self.config.workers))
             for w in workers:
@@ -100,19 +103,19 @@ class _Job:
                 backend.start(w)
             blocks = plan_blocks(self.source, self.config.block_size, self.config.first_block_size)
             self.blocks = {b.id: b for b in blocks}
-            identity = _job_identity(self.config, self.source, blocks)
+            identity = _job_identity(self.config, self.spec.model, self.source, blocks)
             self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite)
             todo = {b.id: b.rows for b in blocks if b.id not in self.manifest.committed}
             self.report.blocks = len(blocks)
             self.report.rows_resumed = sum(self.manifest.committed.values())
             self._loop(backend, todo, workers)
+            finished = True
         finally:
             backend.close()
             if hasattr(self, "manifest"):
+                self.manifest.complete = finished
                 self.manifest.save(self.output_dir)
                 remove_temp_parts(self.output_dir)
-        self.manifest.complete = True
-        self.manifest.save(self.output_dir)
         self.report.wall_s = time.monotonic() - self.started
         self.report.worker_stats = [self.stats[w] for w in sorted(self.stats)]
         save_json(self.output_dir, REPORT, self.report.to_dict(), indent=2)

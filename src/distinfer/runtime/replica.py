@@ -11,14 +11,15 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Mapping
 
 import numpy as np
 
 from ..data.blocks import Block
 from ..data.sink import write_part
-from ..data.sources import describe_row, read_block
+from ..data.sources import SourceSpec, describe_row, read_block
 from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError
-from ..models.base import Runner, StageTimer, run_block
+from ..models.base import Column, Runner, StageTimer, run_block
 from ..models.registry import load_runner
 from .messages import BlockFinished, WorkerReady, WorkerSpec
 
@@ -40,6 +41,12 @@ def limit_threads(threads: int) -> None:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set once in this process
             pass
+
+
+def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
+    """Read a block's bound columns once each, keyed by the model input they feed."""
+    columns = read_block(source, block, list(dict.fromkeys(binding.values())))
+    return {name: columns[col] for name, col in binding.items()}
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -70,8 +77,7 @@ class Replica:
     def run(self, block: Block, waited_s: float = 0.0) -> BlockFinished:
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
-        columns = read_block(self.spec.source, block, list(dict.fromkeys(self.binding.values())))
-        inputs = {name: columns[col] for name, col in self.binding.items()}
+        inputs = read_inputs(self.spec.source, block, self.binding)
         t = timer.add("read", t)
         try:
             outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)

@@ -12,6 +12,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..planning import (
     LayerCost,
+    PipelinePlan,
     balanced_cut,
     explicit_cut,
     format_bytes,
@@ -19,7 +20,7 @@ from ..planning import (
     parse_memory,
 )
 
-__all__ = ["RUNTIME_RESERVE", "plan_stages", "usable_memory"]
+__all__ = ["RUNTIME_RESERVE", "choose_plan", "plan_stages", "usable_memory"]
 
 #: Memory each worker process needs beyond weights and activations: Python, torch and the
 #: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
@@ -51,6 +52,17 @@ def usable_memory(worker_memory: str | None) -> int | None:
     return given - RUNTIME_RESERVE
 
 
+def choose_plan(
+    costs: list[LayerCost], stages: int | None, cuts: tuple[int, ...] | None, limit: int | None
+) -> PipelinePlan:
+    """Explicit `cuts`, else the balanced cut into `stages` (default: 2, or the fewest that fit)."""
+    if cuts:
+        return explicit_cut(costs, cuts, limit)
+    if stages is None:
+        stages = max(2, min_stages_for_memory(costs, limit) or 2) if limit else 2
+    return balanced_cut(costs, stages, limit)
+
+
 def plan_stages(config: RunConfig, model: str) -> tuple[tuple[int, int], ...]:
     """The stages' layer ranges for `--strategy pipeline`, () for `--strategy data`."""
     limit = usable_memory(config.worker_memory)
@@ -75,11 +87,7 @@ def plan_stages(config: RunConfig, model: str) -> tuple[tuple[int, int], ...]:
     from ..planning.layers import model_layer_costs
 
     costs = model_layer_costs(model, config.batch_size, 64)
-    if config.cuts:
-        plan = explicit_cut(costs, config.cuts, limit)
-    else:
-        stages = config.stages or max(2, (min_stages_for_memory(costs, limit) or 2) if limit else 2)
-        plan = balanced_cut(costs, stages, limit)
+    plan = choose_plan(costs, config.stages, config.cuts, limit)
     print(f"distinfer: pipeline of {len(plan.stages)} stages for {model}:", file=sys.stderr)
     print(plan.describe([c.name for c in costs]), file=sys.stderr)
     return tuple((s.start, s.stop) for s in plan.stages)
