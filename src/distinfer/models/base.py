@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ModelInputError
 
-__all__ = ["Batches", "Column", "Runner", "StageTimer", "run_block"]
+__all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "run_block"]
 
 Column = list[str] | np.ndarray
 
@@ -41,6 +41,19 @@ class StageTimer:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + (now - since)
         return now
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """What the processes of one replica group (pipeline stages or tensor-parallel ranks)
+    did while it ran one block's batches; lists hold one entry per member, in order."""
+
+    kind: str  # "stage" or "rank"
+    wall_s: float  # the block's forward_many, start to end
+    micro_batches: int
+    busy_s: tuple[float, ...]  # computing layers
+    comm_s: tuple[float, ...]  # moving activations: queue put/get, broadcasts, all-reduces
+    peak_rss: tuple[int, ...]  # bytes, the member process's peak resident memory so far
 
 
 class Runner(ABC):
@@ -81,6 +94,10 @@ class Runner(ABC):
     def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
         """Run a block's batches; a pipeline overrides this to keep every stage busy."""
         return [self.forward(batch) for batch in batches]
+
+    def group_stats(self) -> GroupStats | None:
+        """A replica group's figures for the last `forward_many`; None for a single process."""
+        return None
 
 
 def run_block(

