@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from ._batching import padded_batches
 from .base import Batches, Column
 from .decoder import DecoderConfig, DecoderStage, decoder_rows, parse_decoder_name
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from ..planning.cuts import LayerCost
 
 __all__ = ["DecoderStaged", "decoder_outputs"]
 
@@ -61,6 +64,11 @@ class DecoderStaged(StagedModel):
 
     def weight_bytes(self) -> list[int]:
         return [4 * n for n in self.config.layer_parameters()]
+
+    def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
+        from ..planning.layers import model_layer_costs
+
+        return model_layer_costs(self.name, batch_size, seq_len)
 
     def preparer(self, device: str) -> _DecoderTokens:
         return _DecoderTokens(self.config, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from ._batching import padded_batches
 from .base import Batches, Column, Runner
 from .bert import BertConfig, load_bert
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from ..planning.cuts import LayerCost
 
 __all__ = ["MiniLMRunner", "MiniLMStaged", "MiniLMTokens", "mean_pool", "minilm_path"]
 
@@ -119,6 +122,11 @@ class MiniLMStaged(StagedModel):
         embed = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size + 2) * h
         layer = 4 * (h * h + h) + 2 * h * f + f + h + 4 * h
         return [4 * embed, *[4 * layer] * c.num_hidden_layers]
+
+    def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
+        from ..planning.layers import model_layer_costs
+
+        return model_layer_costs("minilm", batch_size, seq_len)
 
     def preparer(self, device: str) -> MiniLMTokens:
         return MiniLMTokens(self.model_dir, device)

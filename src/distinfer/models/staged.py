@@ -7,6 +7,7 @@ which builds only the layers it holds:
 
 - `layer_names()` lists the model's layers in order: the units a pipeline cut may fall between;
 - `weight_bytes()` gives each layer's weight size without building anything, when known;
+- `layer_costs(batch_size, seq_len)` measures each layer for the planner;
 - `preparer(device)` turns a block's input columns into batches (tokenising, padding): it runs
   in the first stage's process only;
 - `build_stage(start, stop, device, threads)` builds layers [start, stop) alone and returns a
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .base import Batches, Column
+
+if TYPE_CHECKING:
+    from ..planning.cuts import LayerCost
 
 __all__ = ["Preparer", "Stage", "StagedModel", "staged_model"]
 
@@ -59,6 +63,16 @@ class StagedModel(ABC):
 
     def weight_bytes(self) -> list[int] | None:
         """Each layer's weight size in bytes, known without building; None if unknown."""
+        return None
+
+    @abstractmethod
+    def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
+        """Each layer's measured time and its weight and output bytes for one micro-batch of
+        `batch_size` rows (`seq_len` tokens where that applies); for the planner."""
+
+    def prepare_stages(self, stages: tuple[tuple[int, int], ...]) -> None:
+        """Called in the driver once the cut is chosen, before stage processes start; a model
+        that must write per-stage files (an ONNX subgraph per stage) does it here."""
         return None
 
     @abstractmethod
