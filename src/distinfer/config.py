@@ -26,7 +26,7 @@ class RunConfig:
     model: str
     input: str
     output: str
-    workers: int = 2
+    workers: int = 2  # replicas: a whole model each, or one pipeline / tensor-parallel group each
     threads_per_worker: int | None = None  # None: the machine's cores divided among workers
     batch_size: int = 64
     block_size: int = 1024  # rows per block once the job is under way
@@ -40,9 +40,10 @@ class RunConfig:
     worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
     worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
     device: str = "cpu"
-    strategy: str = "data"  # "data" (whole model per worker) or "pipeline" (stages per replica)
+    strategy: str = "data"  # "data" (whole model per worker), "pipeline" (stages) or "tensor" (ranks)
     stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
     cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
+    tensor_parallel: int | None = None  # tensor: ranks per replica (None: 2)
     worker_memory: str | None = None  # per-process memory limit for planning, e.g. "3GiB"
     prefetch: int = 2
     max_restarts: int = 3
@@ -78,18 +79,35 @@ class RunConfig:
         for name, amount in (self.worker_resources or {}).items():
             if not isinstance(amount, (int, float)) or amount < 0:
                 raise ConfigError(f"--worker-resource {name}: the amount must be a number >= 0")
-        if self.strategy not in ("data", "pipeline"):
-            raise ConfigError(f"--strategy must be data or pipeline, got {self.strategy!r}")
+        if self.strategy not in ("data", "pipeline", "tensor"):
+            raise ConfigError(f"--strategy must be data, pipeline or tensor, got {self.strategy!r}")
         if self.stages is not None and self.stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
+        if (self.stages is not None or self.cuts) and self.strategy != "pipeline":
+            raise ConfigError("--stages and --cuts cut a pipeline; add --strategy pipeline")
+        if self.tensor_parallel is not None:
+            if self.strategy != "tensor":
+                raise ConfigError("--tensor-parallel shards a model over ranks; add --strategy tensor")
+            if self.tensor_parallel < 2:
+                raise ConfigError(f"--tensor-parallel must be >= 2, got {self.tensor_parallel}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
 
     @property
+    def group_size(self) -> int:
+        """Processes per replica: 1, a pipeline's stages (2 when not yet planned) or the ranks."""
+        if self.strategy == "pipeline":
+            return len(self.cuts) + 1 if self.cuts else self.stages or 2
+        if self.strategy == "tensor":
+            return self.tensor_parallel or 2
+        return 1
+
+    @property
     def threads(self) -> int:
+        """Threads per process (a worker, a stage or a rank): the cores shared among them all."""
         if self.threads_per_worker is not None:
             return self.threads_per_worker
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return max(1, (os.cpu_count() or 1) // (self.workers * self.group_size))
 
     @property
     def first_block_size(self) -> int:

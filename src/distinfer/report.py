@@ -11,13 +11,81 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-__all__ = ["JobReport", "Progress", "WorkerStats"]
+if TYPE_CHECKING:
+    from .models.base import GroupStats
+
+__all__ = ["GroupSummary", "JobReport", "Progress", "WorkerStats"]
 
 # Stages in which a worker does the model's own work; the rest is the engine's overhead.
 MODEL_STAGES = ("preprocess", "model")
 STAGES = ("read", "preprocess", "model", "postprocess", "write", "idle")
+
+
+@dataclass
+class GroupSummary:
+    """A replica group's stages (pipeline) or ranks (tensor parallel), summed over its blocks.
+
+    Shares are of the group's model time (`wall_s`: the blocks' forward passes end to end).
+    The measured bubble is the share of stage time spent neither computing nor moving
+    activations, `1 - sum(busy + comm) / (p * wall)`; the theoretical one is
+    `(p-1)/(m+p-1)` for a block of m micro-batches, weighted by each block's wall time.
+    """
+
+    kind: str  # "stage" or "rank"
+    members: list[str] = field(default_factory=list)  # where each stage or rank runs
+    blocks: int = 0
+    micro_batches: int = 0
+    wall_s: float = 0.0
+    busy_s: list[float] = field(default_factory=list)
+    comm_s: list[float] = field(default_factory=list)
+    peak_rss: list[int] = field(default_factory=list)
+    ideal_bubble_s: float = 0.0  # sum over blocks of (p-1)/(m+p-1) x wall
+
+    def add(self, g: GroupStats) -> None:
+        p = len(g.busy_s)
+        if not self.busy_s:
+            self.busy_s, self.comm_s, self.peak_rss = [0.0] * p, [0.0] * p, [0] * p
+        self.blocks += 1
+        self.micro_batches += g.micro_batches
+        self.wall_s += g.wall_s
+        for k in range(p):
+            self.busy_s[k] += g.busy_s[k]
+            self.comm_s[k] += g.comm_s[k]
+            self.peak_rss[k] = max(self.peak_rss[k], g.peak_rss[k])
+        if g.micro_batches:
+            self.ideal_bubble_s += (p - 1) / (g.micro_batches + p - 1) * g.wall_s
+
+    @property
+    def measured_bubble(self) -> float:
+        p = len(self.busy_s)
+        if not p or self.wall_s <= 0:
+            return 0.0
+        return max(0.0, 1.0 - (sum(self.busy_s) + sum(self.comm_s)) / (p * self.wall_s))
+
+    @property
+    def theoretical_bubble(self) -> float:
+        return self.ideal_bubble_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        wall = self.wall_s or 1.0
+        out = []
+        for k, busy in enumerate(self.busy_s):
+            where = f" ({self.members[k]})" if k < len(self.members) else ""
+            out.append(
+                f"    {self.kind} {k}{where}: busy {busy / wall:.0%}, communication "
+                f"{self.comm_s[k] / wall:.1%} ({self.comm_s[k]:.2f} s), peak memory "
+                f"{self.peak_rss[k] / 2**30:.2f} GiB"
+            )
+        if self.kind == "stage" and self.blocks:
+            p = len(self.busy_s)
+            out.append(
+                f"    pipeline bubble {self.measured_bubble:.1%} measured, {self.theoretical_bubble:.1%} "
+                f"theoretical (p-1)/(m+p-1) for p={p}, m={self.micro_batches / self.blocks:.1f} "
+                "micro-batches per block"
+            )
+        return out
 
 
 @dataclass
@@ -31,8 +99,15 @@ class WorkerStats:
     elapsed_s: float = 0.0  # from ready to its last finished block, on the worker's clock
     seconds: dict[str, float] = field(default_factory=dict)
     lost: str = ""  # why the worker was lost, if it was
+    group: GroupSummary | None = None  # a pipeline's stages or a tensor-parallel group's ranks
 
-    def add_block(self, rows: int, seconds: dict[str, float], elapsed_s: float) -> None:
+    def add_block(
+        self, rows: int, seconds: dict[str, float], elapsed_s: float, group: GroupStats | None = None
+    ) -> None:
+        if group is not None:
+            if self.group is None:
+                self.group = GroupSummary(group.kind)
+            self.group.add(group)
         self.rows += rows
         self.blocks += 1
         self.elapsed_s = max(self.elapsed_s, elapsed_s)
@@ -102,6 +177,8 @@ class JobReport:
             worker_stats=[
                 {
                     **asdict(w),
+                    **({"group": {**asdict(w.group), "measured_bubble": w.group.measured_bubble,
+                                  "theoretical_bubble": w.group.theoretical_bubble}} if w.group else {}),
                     "busy_fraction": w.busy_fraction,
                     "overhead_fraction": w.overhead_fraction,
                     "fractions": w.fractions(),
@@ -134,6 +211,8 @@ class JobReport:
                 f"  worker {w.worker} ({w.host} pid {w.pid}): {w.rows} rows, busy {w.busy_fraction:.0%}"
                 f" | {parts}{note}"
             )
+            if w.group is not None:
+                lines.extend(w.group.lines())
         if self.restarts:
             lines.append(f"  {self.restarts} worker(s) replaced")
         lines.append(f"  output: {self.output_dir}")

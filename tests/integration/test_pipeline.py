@@ -12,7 +12,9 @@ import torch
 
 import distinfer
 from distinfer.models.base import StageTimer, run_block
+from distinfer.models.base import Runner
 from distinfer.models.decoder import DecoderRunner
+from distinfer.models.minilm import MiniLMRunner
 
 
 def outputs(out: Path) -> dict[str, np.ndarray]:
@@ -20,28 +22,44 @@ def outputs(out: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(table.column(name).to_pylist()) for name in table.column_names}
 
 
-@pytest.fixture(scope="module")
-def reference(corpus_lines: list[str]) -> dict[str, np.ndarray]:
-    return run_block(DecoderRunner("tiny"), {"text": corpus_lines[:300]}, 16, StageTimer())
+_REFERENCES: dict[str, dict[str, np.ndarray]] = {}
 
 
-@pytest.mark.parametrize(("workers", "stages", "cuts"), [(1, 2, None), (1, 3, None), (2, 2, None), (1, None, (3, 6))],
-                         ids=["2-stages", "3-stages", "hybrid-2x2", "explicit-cuts"])
+def reference(model: str, lines: list[str]) -> dict[str, np.ndarray]:
+    """The unsplit model's outputs in one process."""
+    if model not in _REFERENCES:
+        runner: Runner = DecoderRunner("tiny") if model == "decoder-tiny" else MiniLMRunner()
+        _REFERENCES[model] = run_block(runner, {"text": lines}, 16, StageTimer())
+    return _REFERENCES[model]
+
+
+@pytest.mark.parametrize(("model", "workers", "stages", "cuts"), [
+    ("decoder-tiny", 1, 2, None), ("decoder-tiny", 1, 3, None), ("decoder-tiny", 2, 2, None),
+    ("decoder-tiny", 1, None, (3, 6)), ("minilm", 1, 2, None), ("minilm", 1, 3, None),
+], ids=["decoder-2-stages", "decoder-3-stages", "decoder-hybrid-2x2", "decoder-explicit-cuts", "minilm-2-stages",
+        "minilm-3-stages"])
 def test_pipeline_equals_the_unsplit_model(
-    small_corpus: Path, tmp_path: Path, reference: dict[str, np.ndarray],
+    small_corpus: Path, tmp_path: Path, corpus_lines: list[str], model: str,
     workers: int, stages: int | None, cuts: tuple[int, ...] | None, capfd: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    report = distinfer.run(model="decoder-tiny", input=str(small_corpus), output=str(out), workers=workers,
+    report = distinfer.run(model=model, input=str(small_corpus), output=str(out), workers=workers,
                            strategy="pipeline", stages=stages, cuts=cuts, batch_size=16, block_size=128)
     assert report.rows == 300
     got = outputs(out)
+    want = reference(model, corpus_lines[:300])
     np.testing.assert_array_equal(got["row"], np.arange(300))
-    torch.testing.assert_close(torch.tensor(got["hidden"], dtype=torch.float32),
-                               torch.from_numpy(reference["hidden"]))
-    np.testing.assert_array_equal(got["next_token"], reference["next_token"])
-    printed = capfd.readouterr().err
-    assert f"pipeline of {len(cuts) + 1 if cuts else stages} stages for decoder-tiny" in printed
+    for name, value in want.items():
+        torch.testing.assert_close(torch.tensor(got[name], dtype=torch.from_numpy(value).dtype),
+                                   torch.from_numpy(value))
+    p = len(cuts) + 1 if cuts else stages
+    assert f"pipeline of {p} stages for {model}" in capfd.readouterr().err
+    # The report shows what each stage did: busy and communication time, peak memory, the bubble.
+    for w in report.worker_stats:
+        assert w.group is not None and w.group.kind == "stage" and len(w.group.members) == p
+        assert all(b > 0 for b in w.group.busy_s) and all(c > 0 for c in w.group.comm_s[:-1])
+        assert all(r > 0 for r in w.group.peak_rss)
+        assert 0 < w.group.theoretical_bubble < 1 and 0 <= w.group.measured_bubble < 1
 
 
 def test_data_strategy_refuses_a_model_larger_than_worker_memory(tmp_path: Path, small_corpus: Path) -> None:
@@ -51,6 +69,7 @@ def test_data_strategy_refuses_a_model_larger_than_worker_memory(tmp_path: Path,
                       worker_memory="2GiB")
 
 
-def test_pipeline_needs_a_model_that_can_be_cut(tmp_path: Path, small_corpus: Path) -> None:
-    with pytest.raises(distinfer.ConfigError, match="'minilm' runs with --strategy data"):
-        distinfer.run(model="minilm", input=str(small_corpus), output=str(tmp_path / "o"), strategy="pipeline")
+def test_pipeline_needs_more_layers_than_stages(tmp_path: Path, small_corpus: Path) -> None:
+    with pytest.raises(distinfer.ConfigError, match="'minilm' has 7 layers .* too few for 8 stages; use --stages 7"):
+        distinfer.run(model="minilm", input=str(small_corpus), output=str(tmp_path / "o"), strategy="pipeline",
+                      stages=8)

@@ -137,10 +137,17 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path: Path, vectors: tu
                                      "pip install 'distinfer[ray]'")
 
 
-def test_pipeline_on_ray_equals_local(cluster: Cluster, small_corpus: Path, tmp_path: Path) -> None:
-    options = dict(model="decoder-tiny", input=str(small_corpus), workers=2, strategy="pipeline", stages=2,
+def test_pipeline_stages_on_two_ray_nodes_equal_local(cluster: Cluster, small_corpus: Path, tmp_path: Path) -> None:
+    # Each node offers one CPU and each stage asks for one, so the two stages of the one
+    # pipeline run on two different nodes; activations travel through Ray's object store.
+    options = dict(model="decoder-tiny", input=str(small_corpus), workers=1, strategy="pipeline", stages=2,
                    batch_size=16, block_size=128)
-    distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    report = distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    [worker] = report.worker_stats
+    assert worker.group is not None and len(worker.group.members) == 2
+    nodes = {member.split(" node ")[-1] for member in worker.group.members}
+    assert len(nodes) == 2, worker.group.members
+    assert all(c > 0 for c in worker.group.comm_s)
     distinfer.run(model="decoder-tiny", input=str(small_corpus), output=str(tmp_path / "local"), batch_size=16,
                   block_size=128)
     on_ray, local = table(tmp_path / "ray"), table(tmp_path / "local")

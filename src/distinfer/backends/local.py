@@ -84,9 +84,10 @@ class LocalBackend(Backend):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main, args=(worker, self.spec, child), name=f"distinfer-worker-{worker}",
-            # A pipeline worker starts its stage processes itself, which a daemon may not do;
-            # it still ends with the driver (EOF on its pipe) and close() kills it if need be.
-            daemon=not self.spec.stages,
+            # A pipeline or tensor-parallel worker starts its stage or rank processes itself,
+            # which a daemon may not do; it still ends with the driver (EOF on its pipe) and
+            # close() kills it if need be.
+            daemon=self.spec.strategy == "data",
         )
         proc.start()
         child.close()

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import RunConfig
@@ -93,8 +93,11 @@ class ReplicaActor:
         node = ray.get_runtime_context().get_node_id()[:8]
         ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self.last_end = time.perf_counter()
-        return WorkerReady(self.worker, os.getpid(), f"{socket.gethostname()} {ip} node {node}",
-                           self.replica.load_s)
+        here = f"{socket.gethostname()} {ip} node {node}"
+        members = tuple(getattr(self.replica.runner, "hosts", ()))
+        if members:  # stage 0 / rank 0 is this actor
+            members = (f"{socket.gethostname()} pid {os.getpid()} node {node}", *members[1:])
+        return WorkerReady(self.worker, os.getpid(), here, self.replica.load_s, members)
 
     def cancel(self, block_id: int) -> None:
         self.cancelled.add(block_id)
@@ -116,7 +119,9 @@ class ReplicaActor:
 
 class RayBackend(Backend):
     def __init__(self, spec: WorkerSpec, options: RayOptions) -> None:
-        super().__init__(spec)
+        # A pipeline's later stages are actors of their own, placed anywhere in the cluster.
+        stage_options = {"num_cpus": options.cpus, "num_gpus": options.gpus, "resources": options.resources}
+        super().__init__(replace(spec, stage_transport="ray", stage_options=stage_options))
         self.ray = ray = _import_ray()
         self.options = options
         self._owns_ray = not ray.is_initialized()

@@ -22,7 +22,7 @@ from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_
 from ..data.sources import SourceSpec, open_source, plan_blocks
 from ..errors import ErrorInfo, InputError, JobFailedError
 from ..models.registry import ModelSpec, parse_model
-from ..report import JobReport, Progress, WorkerStats
+from ..report import GroupSummary, JobReport, Progress, WorkerStats
 from ..scheduling import (
     Action,
     Assign,
@@ -42,7 +42,7 @@ from ..scheduling import (
     WorkerReady,
 )
 from . import messages as msg
-from .strategy import plan_stages
+from .strategy import plan_layout
 
 __all__ = ["run_job"]
 
@@ -79,10 +79,10 @@ class _Job:
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
         self.output_dir = normalize_location(config.output)
-        stages = plan_stages(config, model.name)
+        stages = plan_layout(config, model)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
-            config.device, stages,
+            config.device, config.strategy, stages, config.tensor_parallel or 2,
         )
         self.backend_factory = backend_factory
         self.report = JobReport(
@@ -182,13 +182,16 @@ class _Job:
                 self.report.rows += item.rows
                 if not self.report.first_block_s:
                     self.report.first_block_s = self._now()
-            self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s)
+            self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s, item.group)
             return BlockDone(item.worker, item.block_id)
         if isinstance(item, msg.BlockStarting):
             return BlockStarted(item.worker, item.block_id)
         if isinstance(item, msg.WorkerReady):
             stats = self.stats[item.worker]
             stats.pid, stats.host, stats.load_s = item.pid, item.host, item.load_s
+            if item.members:
+                kind = "stage" if self.spec.strategy == "pipeline" else "rank"
+                stats.group = GroupSummary(kind, list(item.members))
             if not self.report.startup_s:
                 self.report.startup_s = self._now()
             return WorkerReady(item.worker)

@@ -7,10 +7,12 @@ errors travel as `ErrorInfo`, never as lost tracebacks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..data.blocks import Block
 from ..data.sources import SourceSpec
 from ..errors import ErrorInfo
+from ..models.base import GroupStats
 from ..models.registry import ModelSpec
 
 __all__ = [
@@ -38,7 +40,11 @@ class WorkerSpec:
     batch_size: int
     threads: int
     device: str = "cpu"
-    stages: tuple[tuple[int, int], ...] = ()  # pipeline: layer range of each stage; () = whole model
+    strategy: str = "data"  # "data", "pipeline" or "tensor"
+    stages: tuple[tuple[int, int], ...] = ()  # pipeline: layer range of each stage
+    tensor_parallel: int = 1  # tensor: ranks per replica
+    stage_transport: str = "local"  # pipeline: "local" child processes or "ray" actors
+    stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
 
 
 # driver -> worker
@@ -68,6 +74,7 @@ class WorkerReady:
     pid: int
     host: str
     load_s: float  # from the worker's entry to a loaded model (imports included)
+    members: tuple[str, ...] = ()  # a group's stages or ranks: where each runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,7 @@ class BlockFinished:
     rows: int
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, this block
     elapsed_s: float = 0.0  # since the worker became ready
+    group: GroupStats | None = None  # pipeline stages / tensor ranks, this block
 
 
 @dataclass(frozen=True, slots=True)

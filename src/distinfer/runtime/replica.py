@@ -57,22 +57,14 @@ class Replica:
     def __init__(self, worker: int, spec: WorkerSpec, entered_at: float) -> None:
         self.worker = worker
         self.spec = spec
-        if spec.stages:
-            from ..models.decoder import parse_decoder_name
-            from .pipeline import PipelineRunner
-
-            config = parse_decoder_name(spec.model.name)
-            if config is None:
-                raise ModelError(f"model '{spec.model.name}' cannot be cut into pipeline stages")
-            self.runner: Runner = PipelineRunner(config, spec.stages, spec.threads, spec.device)
-        else:
-            self.runner = load_runner(spec.model, spec.threads, spec.device)
+        self.runner = _load(spec)
         self.binding = self.runner.bind(spec.source.columns, spec.column)
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at
 
     def ready_message(self) -> WorkerReady:
-        return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s)
+        return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s,
+                           getattr(self.runner, "hosts", ()))
 
     def run(self, block: Block, waited_s: float = 0.0) -> BlockFinished:
         timer = StageTimer({"idle": waited_s})
@@ -95,5 +87,25 @@ class Replica:
         write_part(self.spec.output_dir, block.id, rows, outputs)
         timer.add("write", t)
         return BlockFinished(
-            self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at
+            self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
+            self.runner.group_stats(),
         )
+
+
+def _load(spec: WorkerSpec) -> Runner:
+    """The whole model (data parallel), a pipeline of stages, or a tensor-parallel group."""
+    if spec.strategy == "data":
+        return load_runner(spec.model, spec.threads, spec.device)
+    if spec.strategy == "tensor":
+        from .tensor import TensorParallelRunner
+
+        return TensorParallelRunner(spec.model.name, spec.model.kind, spec.tensor_parallel, spec.threads,
+                                    spec.device)
+    from ..models.staged import staged_model
+    from .pipeline import PipelineRunner
+
+    staged = staged_model(spec.model.name, spec.model.kind)
+    if staged is None:
+        raise ModelError(f"model '{spec.model.name}' cannot be cut into pipeline stages")
+    return PipelineRunner(staged, spec.stages, spec.threads, spec.device, spec.stage_transport,
+                          spec.stage_options)

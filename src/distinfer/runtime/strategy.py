@@ -1,4 +1,5 @@
-"""Choosing how a replica holds the model: whole (data parallel) or cut into stages.
+"""Choosing how a replica holds the model: whole (data parallel), cut into stages
+(pipeline) or sharded over ranks (tensor parallel).
 
 Runs in the driver before any worker starts, so that a model that cannot fit is refused
 with sizes and alternatives, and a pipeline's cut is printed before the job runs.
@@ -7,6 +8,7 @@ with sizes and alternatives, and a pipeline's cut is printed before the job runs
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -20,23 +22,15 @@ from ..planning import (
     parse_memory,
 )
 
-__all__ = ["RUNTIME_RESERVE", "choose_plan", "plan_stages", "usable_memory"]
+if TYPE_CHECKING:
+    from ..models.registry import ModelSpec
+    from ..models.staged import StagedModel
+
+__all__ = ["RUNTIME_RESERVE", "choose_plan", "plan_layout", "usable_memory"]
 
 #: Memory each worker process needs beyond weights and activations: Python, torch and the
 #: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
 RUNTIME_RESERVE = 512 * 2**20
-
-
-def _weight_costs(model: str) -> list[LayerCost] | None:
-    """Cheap per-layer weight sizes from the config alone (no layer is built)."""
-    if not model.startswith("decoder"):
-        return None
-    from ..models.decoder import parse_decoder_name
-
-    config = parse_decoder_name(model)
-    if config is None:
-        return None
-    return [LayerCost(str(i), float(n), 4 * n, 0) for i, n in enumerate(config.layer_parameters())]
 
 
 def usable_memory(worker_memory: str | None) -> int | None:
@@ -63,31 +57,60 @@ def choose_plan(
     return balanced_cut(costs, stages, limit)
 
 
-def plan_stages(config: RunConfig, model: str) -> tuple[tuple[int, int], ...]:
-    """The stages' layer ranges for `--strategy pipeline`, () for `--strategy data`."""
-    limit = usable_memory(config.worker_memory)
-    weights = _weight_costs(model)
-    if config.strategy == "data":
-        total = sum(c.weight_bytes for c in weights) if weights else 0
-        if limit is not None and weights and total > limit:
-            fewest = min_stages_for_memory(weights, limit)
-            hint = f"--strategy pipeline --stages {fewest}" if fewest else "a larger --worker-memory"
-            raise ConfigError(
-                f"model '{model}' has {format_bytes(total)} of weights, more than --worker-memory "
-                f"{config.worker_memory} leaves for a model ({format_bytes(limit)} after "
-                f"{format_bytes(RUNTIME_RESERVE)} for the runtime), so --strategy data cannot hold it in "
-                f"one worker; use {hint} ('distinfer plan' shows the cut)"
-            )
-        return ()
-    if weights is None:
-        raise ConfigError(
-            f"--strategy pipeline needs a model that can be cut into stages (decoder-SIZE); "
-            f"'{model}' runs with --strategy data"
-        )
-    from ..planning.layers import model_layer_costs
+def _staged(model: ModelSpec) -> StagedModel | None:
+    from ..models.staged import staged_model
 
-    costs = model_layer_costs(model, config.batch_size, 64)
+    return staged_model(model.name, model.kind)
+
+
+def _refuse_data(config: RunConfig, model: ModelSpec, limit: int) -> None:
+    staged = _staged(model)
+    weights = staged.weight_bytes() if staged is not None else None
+    if not weights or sum(weights) <= limit:
+        return
+    costs = [LayerCost(str(i), float(w), w, 0) for i, w in enumerate(weights)]
+    fewest = min_stages_for_memory(costs, limit)
+    hint = f"--strategy pipeline --stages {fewest}" if fewest else "a larger --worker-memory"
+    raise ConfigError(
+        f"model '{model.name}' has {format_bytes(sum(weights))} of weights, more than --worker-memory "
+        f"{config.worker_memory} leaves for a model ({format_bytes(limit)} after "
+        f"{format_bytes(RUNTIME_RESERVE)} for the runtime), so --strategy data cannot hold it in "
+        f"one worker; use {hint} ('distinfer plan' shows the cut)"
+    )
+
+
+def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """Check the strategy against the model and `--worker-memory`; for `--strategy pipeline`
+    choose and print the cut and return the stages' layer ranges (() for the others)."""
+    limit = usable_memory(config.worker_memory)
+    if config.strategy == "data":
+        if limit is not None:
+            _refuse_data(config, model, limit)
+        return ()
+    if config.strategy == "tensor":
+        from ..models.sharding import tensor_parallel_problem
+
+        problem = tensor_parallel_problem(model.name, model.kind, config.tensor_parallel or 2)
+        if problem:
+            raise ConfigError(problem)
+        return ()
+    staged = _staged(model)
+    if staged is None:
+        raise ConfigError(
+            f"--strategy pipeline cannot cut '{model.name}' into stages: the engine cuts the built-in "
+            "models, ONNX files and traceable PyTorch models; it runs with --strategy data"
+        )
+    layers = staged.layer_names()
+    wanted = len(config.cuts) + 1 if config.cuts else config.stages
+    if wanted and wanted > len(layers):
+        raise ConfigError(
+            f"'{model.name}' has {len(layers)} layers that a cut may fall between, too few for "
+            f"{wanted} stages; use --stages {len(layers)} or fewer"
+        )
+    costs = staged.layer_costs(config.batch_size, 64)
     plan = choose_plan(costs, config.stages, config.cuts, limit)
-    print(f"distinfer: pipeline of {len(plan.stages)} stages for {model}:", file=sys.stderr)
+    stages = tuple((s.start, s.stop) for s in plan.stages)
+    staged.prepare_stages(stages)
+    print(f"distinfer: pipeline of {len(plan.stages)} stages for {model.name}:", file=sys.stderr)
     print(plan.describe([c.name for c in costs]), file=sys.stderr)
-    return tuple((s.start, s.stop) for s in plan.stages)
+    return stages

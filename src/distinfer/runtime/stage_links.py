@@ -1,0 +1,292 @@
+"""How a pipeline's activations travel from stage 0 through stages 1..K-1 and back.
+
+- `local`: stages 1..K-1 are child processes of stage 0 (torch multiprocessing, spawn), linked
+  by bounded torch queues, so tensors move through shared memory rather than as pickled
+  bytes. Used by the local backend, and always on one machine.
+- `ray`: stages 1..K-1 are Ray actors, placed by Ray on any node with the resources each asks
+  for (the same as a worker's); activations go through Ray's object store (`ray.put` in the
+  sender, `ray.get` in the receiver, both timed as communication). Stage 0 chains one actor
+  call per stage for every micro-batch; Ray runs an actor's calls in order, so the stages
+  work on different micro-batches at the same time. Used by the Ray backend, so one
+  pipeline may span machines. The stage actors are owned by stage 0's actor and die with it.
+
+Each item is `(activation, figures)`; every stage appends its cumulative `MemberFigures`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import resource
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ModelError
+from ..models.staged import StagedModel
+
+__all__ = [
+    "MemberFigures", "StageLinks", "StageLost", "host_label", "peak_rss", "stage_device", "start_links",
+]
+
+_READY_TIMEOUT_S = 600.0
+_IN_FLIGHT = 4  # activations queued between two local stages
+
+
+class StageLost(Exception):
+    """A stage process or actor is gone; the group cannot go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberFigures:
+    """One stage's cumulative figures since it started."""
+
+    busy_s: float = 0.0
+    comm_s: float = 0.0
+    rss: int = 0
+
+    def minus(self, earlier: MemberFigures) -> MemberFigures:
+        return MemberFigures(self.busy_s - earlier.busy_s, self.comm_s - earlier.comm_s, self.rss)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def stage_device(device: str, index: int) -> str:
+    """Stage `index`'s device: with several GPUs, stages go round-robin over them."""
+    if device != "cuda":
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{index % count}" if count > 1 else "cuda"
+
+
+def host_label() -> str:
+    import socket
+
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+class StageLinks(ABC):
+    hosts: tuple[str, ...]  # where each of stages 1..K-1 runs
+
+    @abstractmethod
+    def send(self, x: Any) -> None:
+        """Hand stage 0's output for the next micro-batch to stage 1."""
+
+    @abstractmethod
+    def receive(self, timeout: float) -> tuple[Any, list[MemberFigures]] | None:
+        """The next micro-batch's outputs (in order) and figures, or None after `timeout`."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def start_links(
+    transport: str, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str,
+    options: Mapping[str, Any],
+) -> StageLinks:
+    if transport == "ray":
+        return _RayLinks(staged, stages, threads, device, options)
+    return _LocalLinks(staged, stages, threads, device)
+
+
+# -- local: child processes and torch queues -------------------------------------------------
+
+
+def _stage_main(
+    staged: StagedModel, start: int, stop: int, threads: int, device: str,
+    inbox: Any, outbox: Any, status: Any,
+) -> None:
+    from .replica import limit_threads
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_threads(threads)
+    try:
+        stage = staged.build_stage(start, stop, device, threads)
+    except Exception as exc:
+        status.put(("error", start, f"{type(exc).__name__}: {exc}"))
+        return
+    status.put(("ready", start, host_label()))
+    parent = os.getppid()
+    busy = comm = 0.0
+    while True:
+        try:
+            item = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # stage 0 is gone: nobody will read our results
+                return
+            continue
+        if item is None:
+            return
+        x, figures = item
+        t = time.perf_counter()
+        y = stage(x)
+        busy += time.perf_counter() - t
+        t = time.perf_counter()
+        outbox.put((y, [*figures, MemberFigures(busy, comm, peak_rss())]))
+        comm += time.perf_counter() - t
+
+
+class _LocalLinks(StageLinks):
+    def __init__(
+        self, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str
+    ) -> None:
+        import torch.multiprocessing
+
+        ctx = torch.multiprocessing.get_context("spawn")
+        links = [ctx.Queue(maxsize=_IN_FLIGHT) for _ in stages]
+        self.inbox = links[0]
+        self.results = ctx.Queue()
+        status = ctx.Queue()
+        self.procs = []
+        for k, (start, stop) in enumerate(stages):
+            outbox = links[k + 1] if k + 1 < len(links) else self.results
+            proc = ctx.Process(
+                target=_stage_main,
+                args=(staged, start, stop, threads, stage_device(device, k + 1), links[k], outbox, status),
+                name=f"distinfer-stage-{k + 1}", daemon=True,
+            )
+            proc.start()
+            self.procs.append(proc)
+        hosts: dict[int, str] = {}
+        for _ in self.procs:
+            try:
+                kind, start, text = status.get(timeout=_READY_TIMEOUT_S)
+            except queue.Empty:
+                raise ModelError("a pipeline stage did not load within 10 minutes") from None
+            if kind == "error":
+                raise ModelError(f"pipeline stage starting at layer {start} could not load: {text}")
+            hosts[start] = text
+        self.hosts = tuple(hosts[start] for start, _ in stages)
+
+    def send(self, x: Any) -> None:
+        while True:
+            try:
+                self.inbox.put((x, []), timeout=1.0)
+                return
+            except queue.Full:
+                self._check()
+
+    def receive(self, timeout: float) -> tuple[Any, list[MemberFigures]] | None:
+        try:
+            item: tuple[Any, list[MemberFigures]] = (
+                self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait()
+            )
+            return item
+        except queue.Empty:
+            if timeout > 0:
+                self._check()
+            return None
+
+    def _check(self) -> None:
+        for k, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                raise StageLost(f"pipeline stage {k} died (exit code {proc.exitcode})")
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.inbox.put(None, timeout=1.0)
+            except queue.Full:
+                break
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+
+
+# -- ray: one actor per stage, activations through the object store --------------------------
+
+
+class RayStage:
+    """Stage k of a pipeline, as a Ray actor."""
+
+    def __init__(self, staged: StagedModel, start: int, stop: int, threads: int, device: str) -> None:
+        from .replica import limit_threads
+
+        limit_threads(threads)
+        self.stage = staged.build_stage(start, stop, device, threads)
+        self.busy = self.comm = 0.0
+
+    def where(self) -> str:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+        return f"{host_label()} node {node}"
+
+    def run(self, item: tuple[list[Any], list[MemberFigures]]) -> tuple[list[Any], list[MemberFigures]]:
+        import ray
+
+        refs, figures = item
+        t = time.perf_counter()
+        x = ray.get(refs[0])
+        self.comm += time.perf_counter() - t
+        t = time.perf_counter()
+        y = self.stage(x)
+        self.busy += time.perf_counter() - t
+        t = time.perf_counter()
+        out = [ray.put(y)]
+        self.comm += time.perf_counter() - t
+        return out, [*figures, MemberFigures(self.busy, self.comm, peak_rss())]
+
+
+class _RayLinks(StageLinks):
+    def __init__(
+        self, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str,
+        options: Mapping[str, Any],
+    ) -> None:
+        import ray
+
+        self.ray: Any = ray
+        remote: Any = ray.remote(RayStage).options(max_restarts=0, max_task_retries=0, **options)
+        self.actors: list[Any] = [
+            remote.remote(staged, start, stop, threads, stage_device(device, k + 1))
+            for k, (start, stop) in enumerate(stages)
+        ]
+        self.pending: collections.deque[Any] = collections.deque()
+        try:
+            self.hosts = tuple(ray.get([a.where.remote() for a in self.actors], timeout=_READY_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError:
+            raise ModelError(
+                f"Ray placed no pipeline stage actor within {_READY_TIMEOUT_S:.0f} s; "
+                f"each asks for {dict(options)}"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            raise ModelError(f"a pipeline stage actor could not load: {_first_line(exc)}") from None
+
+    def send(self, x: Any) -> None:
+        item = self.actors[0].run.remote(([self.ray.put(x)], []))
+        for actor in self.actors[1:]:
+            item = actor.run.remote(item)
+        self.pending.append(item)
+
+    def receive(self, timeout: float) -> tuple[Any, list[MemberFigures]] | None:
+        if not self.pending:
+            return None
+        ready, _ = self.ray.wait([self.pending[0]], timeout=timeout)
+        if not ready:
+            return None
+        try:
+            refs, figures = self.ray.get(self.pending.popleft())
+            return self.ray.get(refs[0]), figures
+        except self.ray.exceptions.RayActorError as exc:
+            raise StageLost(f"a pipeline stage actor was lost: {_first_line(exc)}") from None
+        except self.ray.exceptions.RayTaskError as exc:
+            raise ModelError(f"a pipeline stage failed: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else type(exc).__name__
