@@ -50,6 +50,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/batch_minilm.py
 	$(BIN)/python benchmarks/scheduler_events.py
 	$(BIN)/python benchmarks/ray_vs_raydata.py
+	$(BIN)/python benchmarks/parallel_strategies.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -106,7 +106,7 @@ def _plan_parser(sub: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", "-m", required=True, help="a layered built-in model: minilm, decoder-SIZE")
+    p.add_argument("--model", "-m", required=True, help="minilm, decoder-SIZE, an .onnx file, or a traceable PyTorch model (package.module:factory, .pt2)")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: 2, or the fewest that fit --worker-memory)")
     p.add_argument("--worker-memory", default=None, help="memory limit per stage worker, e.g. 3GiB")
     p.add_argument("--cuts", type=_cuts, default=None, help="explicit cut points instead of the balanced cut: layer indices where stages 2.. start, e.g. 4,9")
@@ -117,12 +117,18 @@ def _plan_parser(sub: Any) -> None:
 
 
 def _cmd_plan(args: dict[str, Any]) -> int:
+    from .errors import ModelError
+    from .models.registry import parse_model
+    from .models.staged import staged_model
     from .planning import format_bytes
-    from .planning.layers import model_layer_costs
     from .runtime.strategy import RUNTIME_RESERVE, choose_plan, usable_memory
 
     limit = usable_memory(args["worker_memory"])
-    costs = model_layer_costs(args["model"], args["batch_size"], args["seq_len"])
+    spec = parse_model(args["model"])
+    staged = staged_model(spec.name, spec.kind)
+    if staged is None:
+        raise ModelError(f"cannot cut '{spec.name}' into pipeline stages")
+    costs = staged.layer_costs(args["batch_size"], args["seq_len"])
     names = [c.name for c in costs]
     plan = choose_plan(costs, args["stages"], args["cuts"], limit)
     total = sum(c.weight_bytes for c in costs)

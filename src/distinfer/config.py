@@ -120,6 +120,7 @@ class RunConfig:
         clean: dict[str, Any] = {}
         for key, value in options.items():
             name = key.replace("-", "_")
+            name = "workers" if name == "replicas" else name  # --replicas is --workers
             if name not in known:
                 raise ConfigError(
                     f"unknown option '{key}'; known options: {', '.join(sorted(known))}"

@@ -55,3 +55,61 @@ def very_slow_mlp() -> nn.Module:
     model = _Slow()
     model.delay = 0.25
     return model.eval()
+
+
+def deep_mlp() -> nn.Module:
+    """A Sequential of 7 layers: every boundary between two of them is a cut point."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)
+    ).eval()
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _Residual(nn.Module):
+    """Residual blocks: inside a block two values cross (the skip), so no cut falls there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(_Block(32) for _ in range(3))
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        out: torch.Tensor = self.out(h)
+        return out
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _Residual().eval()
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def data_dependent() -> nn.Module:
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+    return _DataDependent().eval()

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import distinfer
-from distinfer.models.base import StageTimer, run_block
-from distinfer.models.base import Runner
+from distinfer.models.base import Runner, StageTimer, run_block
 from distinfer.models.decoder import DecoderRunner
 from distinfer.models.minilm import MiniLMRunner
 
@@ -70,6 +69,36 @@ def test_data_strategy_refuses_a_model_larger_than_worker_memory(tmp_path: Path,
 
 
 def test_pipeline_needs_more_layers_than_stages(tmp_path: Path, small_corpus: Path) -> None:
-    with pytest.raises(distinfer.ConfigError, match="'minilm' has 7 layers .* too few for 8 stages; use --stages 7"):
+    with pytest.raises(distinfer.ConfigError, match=r"'minilm' has 7 layers .* too few for 8 stages; use --stages 7"):
         distinfer.run(model="minilm", input=str(small_corpus), output=str(tmp_path / "o"), strategy="pipeline",
                       stages=8)
+
+
+def test_each_stage_process_stays_within_worker_memory(tmp_path: Path, corpus_lines: list[str]) -> None:
+    # decoder-base holds 515 MiB of weights: more than --worker-memory 1GiB leaves for a model
+    # (512 MiB after the runtime's reserve), so data parallelism is refused and the pipeline
+    # needs 2 stages; each stage process must peak below 1 GiB, runtime included.
+    data = tmp_path / "in.txt"
+    data.write_text("\n".join(corpus_lines[:40]) + "\n")
+    options = dict(model="decoder-base", input=str(data), worker_memory="1GiB", batch_size=4, block_size=20)
+    with pytest.raises(distinfer.ConfigError, match=r"'decoder-base' has 515 MiB of weights.*--stages 2"):
+        distinfer.run(**options, output=str(tmp_path / "data"))
+    report = distinfer.run(**options, output=str(tmp_path / "pipe"), strategy="pipeline", workers=1)
+    [worker] = report.worker_stats
+    assert worker.group is not None and len(worker.group.peak_rss) == 2
+    assert all(0 < peak <= 2**30 for peak in worker.group.peak_rss), worker.group.peak_rss
+
+
+@pytest.mark.parametrize("model", ["toy_models:deep_mlp", "toy_models:residual_net"])
+def test_a_traced_pytorch_model_in_stages_equals_the_whole(
+    vectors: tuple[Path, np.ndarray], tmp_path: Path, model: str
+) -> None:
+    from distinfer.models.torch_runner import TorchRunner
+
+    path, data = vectors
+    report = distinfer.run(model=model, input=str(path), output=str(tmp_path / "out"), workers=1,
+                           strategy="pipeline", stages=3, batch_size=32, block_size=128)
+    assert report.rows == len(data)
+    got = outputs(tmp_path / "out")
+    want = run_block(TorchRunner(model), {"input": data}, 32, StageTimer())
+    torch.testing.assert_close(torch.tensor(got["output"], dtype=torch.float32), torch.from_numpy(want["output"]))

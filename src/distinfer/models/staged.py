@@ -99,4 +99,12 @@ def staged_model(name: str, kind: str) -> StagedModel | None:
         from .minilm import MiniLMStaged
 
         return MiniLMStaged()
+    if kind == "onnx":
+        from .onnx_stages import OnnxStaged
+
+        return OnnxStaged(name)
+    if kind == "torch":
+        from .fx_stages import TracedStaged
+
+        return TracedStaged(name)
     return None

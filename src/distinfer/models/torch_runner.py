@@ -19,7 +19,18 @@ import torch
 from ..errors import ModelError, ModelInputError
 from .base import Batches, Column, Runner
 
-__all__ = ["TorchRunner", "load_factory"]
+__all__ = [
+    "TORCHSCRIPT_SUFFIXES",
+    "TorchRunner",
+    "float_dtype",
+    "is_torchscript",
+    "load_factory",
+    "load_module",
+    "name_outputs",
+    "prepare_batches",
+]
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 
 
 def load_factory(spec: str) -> torch.nn.Module:
@@ -40,41 +51,65 @@ def load_factory(spec: str) -> torch.nn.Module:
     return model
 
 
+def is_torchscript(model: str) -> bool:
+    """Whether `model` names a TorchScript file (by its suffix)."""
+    return Path(model).suffix in TORCHSCRIPT_SUFFIXES
+
+
+def load_module(model: str, device: torch.device) -> Any:
+    """The model on `device`, in eval mode: a factory's module, a TorchScript module, or an
+    exported program's `GraphModule`."""
+    path = Path(model)
+    try:
+        if path.suffix == ".pt2":
+            module: Any = torch.export.load(str(path)).module()
+        elif is_torchscript(model):
+            module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+        else:
+            module = load_factory(model)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot load PyTorch model '{model}': {exc}") from None
+    if isinstance(module, torch.nn.Module):
+        module = module.to(device)
+        if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule):
+            module.eval()
+    return module
+
+
+def float_dtype(module: Any) -> torch.dtype:
+    """The dtype float inputs are cast to: that of the module's first parameter."""
+    params = list(module.parameters()) if hasattr(module, "parameters") else []
+    return params[0].dtype if params else torch.float32
+
+
+def prepare_batches(
+    name: str, dtype: torch.dtype, inputs: Mapping[str, Column], batch_size: int
+) -> Batches:
+    """The `input` column as tensors of `batch_size` rows, float columns cast to `dtype`."""
+    column = inputs["input"]
+    if isinstance(column, list):
+        raise ModelInputError(
+            f"model '{name}' takes numbers but the input column holds text; check --column"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(column))
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return Batches(list(torch.split(tensor, batch_size)))
+
+
 class TorchRunner(Runner):
     input_names = ("input",)
 
     def __init__(self, model: str, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        path = Path(model)
-        try:
-            if path.suffix == ".pt2":
-                self.module: Any = torch.export.load(str(path)).module()
-            elif path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
-                self.module = torch.jit.load(str(path), map_location=self.device)  # type: ignore[no-untyped-call]
-            else:
-                self.module = load_factory(model)
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"cannot load PyTorch model '{model}': {exc}") from None
-        if isinstance(self.module, torch.nn.Module):
-            self.module = self.module.to(self.device)
-            if hasattr(self.module, "eval") and not isinstance(self.module, torch.fx.GraphModule):
-                self.module.eval()
-        params = list(self.module.parameters()) if hasattr(self.module, "parameters") else []
-        self.float_dtype = params[0].dtype if params else torch.float32
+        self.module: Any = load_module(model, self.device)
+        self.float_dtype = float_dtype(self.module)
         self.name = model
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
-        column = inputs["input"]
-        if isinstance(column, list):
-            raise ModelInputError(
-                f"model '{self.name}' takes numbers but the input column holds text; check --column"
-            )
-        tensor = torch.from_numpy(np.ascontiguousarray(column))
-        if tensor.is_floating_point():
-            tensor = tensor.to(self.float_dtype)
-        return Batches(list(torch.split(tensor, batch_size)))
+        return prepare_batches(self.name, self.float_dtype, inputs, batch_size)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         try:
@@ -86,10 +121,11 @@ class TorchRunner(Runner):
                 f"model '{self.name}' failed on input of shape {list(batch.shape)} "
                 f"({str(batch.dtype).removeprefix('torch.')}): {first}; check --column and the model"
             ) from None
-        return _name_outputs(result)
+        return name_outputs(result)
 
 
-def _name_outputs(result: Any) -> dict[str, np.ndarray]:
+def name_outputs(result: Any) -> dict[str, np.ndarray]:
+    """`output` for a tensor, `output_0`, `output_1`, ... for a tuple or list, keys for a dict."""
     if isinstance(result, torch.Tensor):
         return {"output": result.detach().cpu().numpy()}
     if isinstance(result, dict):

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..planning import (
     LayerCost,
     PipelinePlan,
@@ -107,7 +107,14 @@ def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[int, int], .
             f"'{model.name}' has {len(layers)} layers that a cut may fall between, too few for "
             f"{wanted} stages; use --stages {len(layers)} or fewer"
         )
-    costs = staged.layer_costs(config.batch_size, 64)
+    try:
+        costs = staged.layer_costs(config.batch_size, 64)
+    except ModelError:
+        if not config.cuts:
+            raise
+        # Explicit cut points need no measurement; sizes where known, else unknown (0).
+        sizes = staged.weight_bytes() or [0] * len(layers)
+        costs = [LayerCost(name, 0.0, size, 0) for name, size in zip(layers, sizes, strict=True)]
     plan = choose_plan(costs, config.stages, config.cuts, limit)
     stages = tuple((s.start, s.stop) for s in plan.stages)
     staged.prepare_stages(stages)
