@@ -102,3 +102,19 @@ def test_a_traced_pytorch_model_in_stages_equals_the_whole(
     got = outputs(tmp_path / "out")
     want = run_block(TorchRunner(model), {"input": data}, 32, StageTimer())
     torch.testing.assert_close(torch.tensor(got["output"], dtype=torch.float32), torch.from_numpy(want["output"]))
+
+
+def test_an_onnx_model_cut_into_two_stages_equals_the_whole(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    from toy_models import deep_mlp
+
+    path, data = vectors
+    model = tmp_path / "mlp.onnx"
+    torch.onnx.export(deep_mlp(), (torch.zeros(2, 16),), str(model), input_names=["input"], output_names=["y"],
+                      dynamic_axes={"input": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    options = dict(model=str(model), input=str(path), batch_size=32, block_size=128)
+    report = distinfer.run(**options, output=str(tmp_path / "pipe"), workers=1, strategy="pipeline", stages=2)
+    assert report.worker_stats[0].group is not None and len(report.worker_stats[0].group.members) == 2
+    distinfer.run(**options, output=str(tmp_path / "whole"), workers=1)
+    got, want = outputs(tmp_path / "pipe"), outputs(tmp_path / "whole")
+    np.testing.assert_array_equal(got["row"], np.arange(len(data)))
+    torch.testing.assert_close(torch.tensor(got["y"]), torch.tensor(want["y"]))
