@@ -44,6 +44,7 @@ class RunConfig:
     stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
     cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
     tensor_parallel: int | None = None  # tensor: ranks per replica (None: 2)
+    tensor_comm: str = "auto"  # tensor: "auto" (shm on CPU, nccl on GPU), "shm", "gloo", "nccl"
     worker_memory: str | None = None  # per-process memory limit for planning, e.g. "3GiB"
     prefetch: int = 2
     max_restarts: int = 3
@@ -90,6 +91,14 @@ class RunConfig:
                 raise ConfigError("--tensor-parallel shards a model over ranks; add --strategy tensor")
             if self.tensor_parallel < 2:
                 raise ConfigError(f"--tensor-parallel must be >= 2, got {self.tensor_parallel}")
+        if self.tensor_comm not in ("auto", "shm", "gloo", "nccl"):
+            raise ConfigError(f"--tensor-comm must be auto, shm, gloo or nccl, got {self.tensor_comm!r}")
+        if self.tensor_comm != "auto" and self.strategy != "tensor":
+            raise ConfigError("--tensor-comm is how tensor-parallel ranks talk; add --strategy tensor")
+        if (self.tensor_comm in ("shm", "gloo") and self.device == "cuda") or (
+            self.tensor_comm == "nccl" and self.device != "cuda"
+        ):
+            raise ConfigError("--tensor-comm shm and gloo work on the CPU, nccl with --device cuda")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
 

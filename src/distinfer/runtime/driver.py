@@ -83,6 +83,7 @@ class _Job:
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
             config.device, config.strategy, stages, config.tensor_parallel or 2,
+            tensor_comm=config.tensor_comm,
         )
         self.backend_factory = backend_factory
         self.report = JobReport(

@@ -43,6 +43,7 @@ class WorkerSpec:
     strategy: str = "data"  # "data", "pipeline" or "tensor"
     stages: tuple[tuple[int, int], ...] = ()  # pipeline: layer range of each stage
     tensor_parallel: int = 1  # tensor: ranks per replica
+    tensor_comm: str = "auto"  # tensor: how ranks exchange tensors (runtime/collectives.py)
     stage_transport: str = "local"  # pipeline: "local" child processes or "ray" actors
     stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
 

@@ -100,7 +100,7 @@ def _load(spec: WorkerSpec) -> Runner:
         from .tensor import TensorParallelRunner
 
         return TensorParallelRunner(spec.model.name, spec.model.kind, spec.tensor_parallel, spec.threads,
-                                    spec.device)
+                                    spec.device, comm=spec.tensor_comm)
     from ..models.staged import staged_model
     from .pipeline import PipelineRunner
 
