@@ -2,8 +2,10 @@
 
 1. The `decoder` runner on the GPU equals the CPU within float32-on-GPU tolerances.
 2. `minilm` on the GPU equals the CPU (skipped when the weights package is missing).
-3. `distinfer run --device cuda` end to end with 1 and 2 workers sharing the GPU: every
-   row exactly once, outputs equal to the in-process GPU runner, throughput printed.
+3. `distinfer run --device cuda` end to end with 1 and 2 workers sharing the GPU, and with
+   a 2-stage pipeline (stages share the GPU when there is one; stage i on GPU i % count):
+   every row exactly once, outputs equal to the in-process GPU runner, throughput printed.
+4. Tensor parallel with 2 ranks: run when there are 2 GPUs, else the refusal is checked.
 
     PYTHONPATH=src python benchmarks/gpu_check.py [--rows 2000] [--size base]
 """
@@ -35,6 +37,38 @@ def timed_block(runner: object, texts: list[str]) -> tuple[dict[str, np.ndarray]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, len(texts) / (time.perf_counter() - start)
+
+
+def check_run(size: str, corpus: Path, out: Path, extra: list[str], label: str, want: np.ndarray,
+              n_rows: int, expect_refusal: bool) -> bool:
+    """`distinfer run --device cuda` with `extra`; every row once, equal to the in-process runner."""
+    import pyarrow.dataset as ds
+
+    cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", f"decoder-{size}", "--input", str(corpus),
+           "--output", str(out), "--device", "cuda", "--threads-per-worker", "2", "--no-progress", *extra]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if expect_refusal:
+        ok = result.returncode != 0 and "GPU" in result.stderr and not out.exists()
+        verdict = "PASS" if ok else "FAIL"
+        print(f"{label}: exit {result.returncode}, {result.stderr.strip()[-300:]}  {verdict}")
+        return ok
+    if result.returncode != 0:
+        print(f"distinfer run --device cuda, {label}: FAIL\n{result.stderr[-2000:]}")
+        return False
+    table = ds.dataset(str(out)).to_table().sort_by("row")
+    rows = table.column("row").to_numpy()
+    hidden = np.asarray(table.column("hidden").to_pylist(), dtype=np.float32)
+    once = bool(np.array_equal(rows, np.arange(n_rows)))
+    diff = float(np.abs(hidden - want).max()) if once else float("inf")
+    ok = once and diff < 1e-3
+    print(f"distinfer run --device cuda, {label}: rows exactly once {once}, max |diff| vs in-process "
+          f"{diff:.2e}, {n_rows / wall:.1f} rows/s with start-up  {'PASS' if ok else 'FAIL'}")
+    for line in result.stderr.strip().splitlines():
+        if any(word in line for word in ("rows/s", "stage", "rank", "bubble")):
+            print("   " + line.strip())
+    return ok
 
 
 def main() -> int:
@@ -76,31 +110,20 @@ def main() -> int:
     except Exception as exc:  # the weights package may be missing on this machine
         print(f"minilm: SKIP ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
 
-    import pyarrow.dataset as ds
-
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "in.txt"
         corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        for workers in (1, 2):
-            out = Path(tmp) / f"out{workers}"
-            cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", f"decoder-{args.size}",
-                   "--input", str(corpus), "--output", str(out), "--workers", str(workers),
-                   "--device", "cuda", "--threads-per-worker", "2", "--no-progress"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                print(f"distinfer run --device cuda --workers {workers}: FAIL\n{result.stderr[-2000:]}")
-                failed = True
-                continue
-            table = ds.dataset(str(out)).to_table().sort_by("row")
-            rows = table.column("row").to_numpy()
-            hidden = np.asarray(table.column("hidden").to_pylist(), dtype=np.float32)
-            diff = float(np.abs(hidden - full["hidden"]).max())
-            ok = np.array_equal(rows, np.arange(len(texts))) and diff < 1e-3
-            failed |= not ok
-            print(f"distinfer run --device cuda --workers {workers}: rows exactly once "
-                  f"{np.array_equal(rows, np.arange(len(texts)))}, max |diff| vs in-process {diff:.2e}  "
-                  f"{'PASS' if ok else 'FAIL'}")
-            print("   " + result.stderr.strip().splitlines()[0])
+        runs = [("data, 1 worker", ["--workers", "1"]), ("data, 2 workers", ["--workers", "2"]),
+                ("pipeline, 2 stages", ["--workers", "1", "--strategy", "pipeline", "--stages", "2"])]
+        tensor = ["--workers", "1", "--strategy", "tensor", "--tensor-parallel", "2"]
+        if torch.cuda.device_count() >= 2:
+            runs.append(("tensor, 2 ranks", tensor))
+        else:
+            runs.append(("tensor, 2 ranks (refused: one GPU per rank)", tensor))
+        for i, (label, extra) in enumerate(runs):
+            expect_refusal = "refused" in label
+            failed |= not check_run(args.size, corpus, Path(tmp) / f"out{i}", extra, label, full["hidden"],
+                                    len(texts), expect_refusal)
     print("FAIL" if failed else "ALL PASS")
     return 1 if failed else 0
 

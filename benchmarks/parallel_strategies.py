@@ -87,12 +87,11 @@ def _median_latency(runner: Any, batch: Any, repeats: int) -> float:
 
 
 def latencies(model: str, lines: list[str], batch_size: int, repeats: int) -> dict[str, float]:
-    from distinfer.runtime.tensor import TensorParallelRunner
-
     from distinfer.models.registry import load_runner, parse_model
     from distinfer.models.staged import staged_model
     from distinfer.planning import balanced_cut
     from distinfer.runtime.pipeline import PipelineRunner
+    from distinfer.runtime.tensor import TensorParallelRunner
 
     spec = parse_model(model)
     texts = {"text": lines[:batch_size]}

@@ -28,9 +28,13 @@ class GroupSummary:
     """A replica group's stages (pipeline) or ranks (tensor parallel), summed over its blocks.
 
     Shares are of the group's model time (`wall_s`: the blocks' forward passes end to end).
-    The measured bubble is the share of stage time spent neither computing nor moving
-    activations, `1 - sum(busy + comm) / (p * wall)`; the theoretical one is
-    `(p-1)/(m+p-1)` for a block of m micro-batches, weighted by each block's wall time.
+    Of the stages' idle time, `1 - sum(busy + comm) / (p * wall)`, the bubble is the part
+    spent waiting while each block's pipeline fills and drains: stage k waits for the first
+    micro-batch to cross stages 0..k-1, and after its last one for the last micro-batch to
+    cross stages k+1..p-1, computed from each stage's measured time on those two
+    micro-batches. The rest ("stalls") is waiting on a slower neighbour mid-block. The
+    theoretical bubble is `(p-1)/(m+p-1)` for a block of m equal micro-batches, weighted by
+    each block's wall time.
     """
 
     kind: str  # "stage" or "rank"
@@ -42,6 +46,7 @@ class GroupSummary:
     comm_s: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
     ideal_bubble_s: float = 0.0  # sum over blocks of (p-1)/(m+p-1) x wall
+    bubble_s: float = 0.0  # stage-seconds idle in fill and drain, over blocks
 
     def add(self, g: GroupStats) -> None:
         p = len(g.busy_s)
@@ -50,6 +55,7 @@ class GroupSummary:
         self.blocks += 1
         self.micro_batches += g.micro_batches
         self.wall_s += g.wall_s
+        self.bubble_s += g.bubble_s
         for k in range(p):
             self.busy_s[k] += g.busy_s[k]
             self.comm_s[k] += g.comm_s[k]
@@ -58,11 +64,21 @@ class GroupSummary:
             self.ideal_bubble_s += (p - 1) / (g.micro_batches + p - 1) * g.wall_s
 
     @property
-    def measured_bubble(self) -> float:
+    def idle(self) -> float:
+        """Share of the stages' time spent neither computing nor moving activations."""
         p = len(self.busy_s)
         if not p or self.wall_s <= 0:
             return 0.0
         return max(0.0, 1.0 - (sum(self.busy_s) + sum(self.comm_s)) / (p * self.wall_s))
+
+    @property
+    def measured_bubble(self) -> float:
+        p = len(self.busy_s)
+        return self.bubble_s / (p * self.wall_s) if p and self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "measured_bubble": self.measured_bubble, "idle": self.idle,
+                "theoretical_bubble": self.theoretical_bubble}
 
     @property
     def theoretical_bubble(self) -> float:
@@ -81,9 +97,10 @@ class GroupSummary:
         if self.kind == "stage" and self.blocks:
             p = len(self.busy_s)
             out.append(
-                f"    pipeline bubble {self.measured_bubble:.1%} measured, {self.theoretical_bubble:.1%} "
-                f"theoretical (p-1)/(m+p-1) for p={p}, m={self.micro_batches / self.blocks:.1f} "
-                "micro-batches per block"
+                f"    pipeline bubble {self.measured_bubble:.1%} measured (fill and drain), "
+                f"{self.theoretical_bubble:.1%} theoretical (p-1)/(m+p-1) for p={p}, "
+                f"m={self.micro_batches / self.blocks:.1f} micro-batches per block; idle in all "
+                f"{self.idle:.1%} (the rest: stalls on a slower stage)"
             )
         return out
 
@@ -177,8 +194,7 @@ class JobReport:
             worker_stats=[
                 {
                     **asdict(w),
-                    **({"group": {**asdict(w.group), "measured_bubble": w.group.measured_bubble,
-                                  "theoretical_bubble": w.group.theoretical_bubble}} if w.group else {}),
+                    **({"group": w.group.to_dict()} if w.group else {}),
                     "busy_fraction": w.busy_fraction,
                     "overhead_fraction": w.overhead_fraction,
                     "fractions": w.fractions(),

@@ -129,3 +129,17 @@ def test_models_that_cannot_be_sharded_are_refused_before_any_worker_starts(
                       strategy="tensor", tensor_parallel=3)
     with pytest.raises(distinfer.ConfigError, match="add --strategy tensor"):
         distinfer.run(model="decoder-small", input=str(small_corpus), output=str(tmp_path / "o"), tensor_parallel=2)
+
+
+def test_ranks_that_cannot_run_here_are_refused_before_any_output(small_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    base = [sys.executable, "-m", "distinfer.cli", "run", "--model", "decoder-tiny", "--input", str(small_corpus),
+            "--output", str(out), "--strategy", "tensor", "--tensor-parallel", "2", "--no-progress"]
+    nccl = subprocess.run([*base, "--tensor-comm", "nccl"], capture_output=True, text=True, timeout=120)
+    assert nccl.returncode != 0
+    assert "--tensor-comm shm and gloo work on the CPU, nccl with --device cuda" in nccl.stderr
+    if torch.cuda.device_count() < 2:
+        gpus = subprocess.run([*base, "--device", "cuda"], capture_output=True, text=True, timeout=120)
+        assert gpus.returncode != 0
+        assert "puts each rank on a GPU of its own, but this machine has" in gpus.stderr
+    assert not out.exists()

@@ -54,6 +54,7 @@ class GroupStats:
     busy_s: tuple[float, ...]  # computing layers
     comm_s: tuple[float, ...]  # moving activations: queue put/get, broadcasts, all-reduces
     peak_rss: tuple[int, ...]  # bytes, the member process's peak resident memory so far
+    bubble_s: float = 0.0  # pipeline: stage-seconds idle while the block's pipeline filled and drained
 
 
 class Runner(ABC):

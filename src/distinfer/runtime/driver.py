@@ -79,11 +79,11 @@ class _Job:
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
         self.output_dir = normalize_location(config.output)
-        stages = plan_layout(config, model)
+        stages, slot_bytes = plan_layout(config, model)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
             config.device, config.strategy, stages, config.tensor_parallel or 2,
-            tensor_comm=config.tensor_comm,
+            tensor_comm=config.tensor_comm, stage_slot_bytes=slot_bytes,
         )
         self.backend_factory = backend_factory
         self.report = JobReport(

@@ -45,6 +45,7 @@ class WorkerSpec:
     tensor_parallel: int = 1  # tensor: ranks per replica
     tensor_comm: str = "auto"  # tensor: how ranks exchange tensors (runtime/collectives.py)
     stage_transport: str = "local"  # pipeline: "local" child processes or "ray" actors
+    stage_slot_bytes: int = 0  # pipeline, local: each shared activation buffer (0: the default)
     stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
 
 

@@ -33,7 +33,16 @@ import numpy as np
 from ..models.base import Batches, Column, GroupStats, Runner
 from ..models.staged import StagedModel
 from ..planning.profile import tensor_bytes
-from .stage_links import MemberFigures, StageLinks, StageLost, host_label, peak_rss, stage_device, start_links
+from .stage_links import (
+    DEFAULT_SLOT_BYTES,
+    MemberFigures,
+    StageLinks,
+    StageLost,
+    host_label,
+    peak_rss,
+    stage_device,
+    start_links,
+)
 
 __all__ = ["PipelineRunner"]
 
@@ -44,6 +53,7 @@ class PipelineRunner(Runner):
     def __init__(
         self, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int,
         device: str = "cpu", transport: str = "local", stage_options: Mapping[str, Any] | None = None,
+        slot_bytes: int = 0,
     ) -> None:
         self.staged = staged
         self.prep = staged.preparer(device)
@@ -51,7 +61,8 @@ class PipelineRunner(Runner):
         self.head = staged.build_stage(*stages[0], stage_device(device, 0), threads)
         self.links: StageLinks | None = None
         if len(stages) > 1:
-            self.links = start_links(transport, staged, stages[1:], threads, device, stage_options or {})
+            self.links = start_links(transport, staged, stages[1:], threads, device, stage_options or {},
+                                     slot_bytes or DEFAULT_SLOT_BYTES)
         self.hosts = (host_label(), *(self.links.hosts if self.links else ()))
         self._busy = self._comm = 0.0
         self._seen: list[MemberFigures] = [MemberFigures() for _ in stages]
@@ -77,49 +88,61 @@ class PipelineRunner(Runner):
 
     def _stream(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
         started = time.perf_counter()
+        head_s: list[float] = []  # stage 0's time on each micro-batch
         if self.links is None:
-            results = [self._run_head(batch) for batch in batches]
-            self._record(started, len(batches), [])
+            results = [self._run_head(batch, head_s) for batch in batches]
+            self._record(started, len(batches), [], [], head_s)
             return results
         results = []
-        last: list[MemberFigures] = []
+        figures: list[list[MemberFigures]] = []  # stages 1..K-1 on each micro-batch
         try:
             for batch in batches:
-                x = self._run_head(batch)
+                x = self._run_head(batch, head_s)
                 t = time.perf_counter()
                 self.links.send(x)
                 self._comm += time.perf_counter() - t
                 while (item := self.links.receive(0.0)) is not None:  # collect without waiting
                     results.append(item[0])
-                    last = item[1]
+                    figures.append(item[1])
             while len(results) < len(batches):
                 item = self.links.receive(1.0)
                 if item is not None:
                     results.append(item[0])
-                    last = item[1]
+                    figures.append(item[1])
         except StageLost as exc:
             # The group cannot go on without that stage: end this worker so that the backend
             # sees it lost and the scheduler assigns its blocks again.
             print(f"distinfer: {exc}", file=sys.stderr, flush=True)
             os._exit(3)
-        self._record(started, len(batches), last)
+        self._record(started, len(batches), figures[0] if figures else [], figures[-1] if figures else [],
+                     head_s)
         return results
 
-    def _run_head(self, batch: Any) -> Any:
+    def _run_head(self, batch: Any, head_s: list[float]) -> Any:
         t = time.perf_counter()
         out = self.head(batch)
-        self._busy += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self._busy += took
+        head_s.append(took)
         return out
 
-    def _record(self, started: float, micro_batches: int, later: list[MemberFigures]) -> None:
-        now = [MemberFigures(self._busy, self._comm, peak_rss()), *later]
+    def _record(
+        self, started: float, micro_batches: int, first: list[MemberFigures], last: list[MemberFigures],
+        head_s: list[float],
+    ) -> None:
+        now = [MemberFigures(self._busy, self._comm, peak_rss()), *last]
         if len(now) < len(self._seen):  # no micro-batch this block: nothing new from later stages
             now += self._seen[len(now):]
         deltas = [a.minus(b) for a, b in zip(now, self._seen, strict=True)]
         self._seen = now
+        bubble = 0.0
+        if head_s and len(first) == len(last) == len(now) - 1:
+            bubble = fill_and_drain_s([head_s[0], *(f.item_s for f in first)],
+                                      [head_s[-1], *(f.item_s for f in last)])
         self._stats = GroupStats(
             "stage", time.perf_counter() - started, micro_batches,
             tuple(d.busy_s for d in deltas), tuple(d.comm_s for d in deltas), tuple(n.rss for n in now),
+            bubble,
         )
 
     def group_stats(self) -> GroupStats | None:
@@ -138,3 +161,11 @@ def _fill_and_drain_order(batches: list[Any]) -> list[int]:
     by_size = sorted(range(len(batches)), key=sizes.__getitem__)
     first, last = by_size[0], by_size[1]
     return [first, *(i for i in range(len(batches)) if i not in (first, last)), last]
+
+
+def fill_and_drain_s(first: list[float], last: list[float]) -> float:
+    """Stage-seconds idle while a block's pipeline fills and drains: stage k waits for the
+    first micro-batch to cross stages 0..k-1 and, after its last one, for the last
+    micro-batch to cross stages k+1..p-1. `first` / `last`: each stage's time on them."""
+    p = len(first)
+    return sum(sum(first[:k]) + sum(last[k + 1 :]) for k in range(p))

@@ -108,4 +108,4 @@ def _load(spec: WorkerSpec) -> Runner:
     if staged is None:
         raise ModelError(f"model '{spec.model.name}' cannot be cut into pipeline stages")
     return PipelineRunner(staged, spec.stages, spec.threads, spec.device, spec.stage_transport,
-                          spec.stage_options)
+                          spec.stage_options, spec.stage_slot_bytes)

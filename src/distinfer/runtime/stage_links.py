@@ -1,8 +1,8 @@
 """How a pipeline's activations travel from stage 0 through stages 1..K-1 and back.
 
 - `local`: stages 1..K-1 are child processes of stage 0 (torch multiprocessing, spawn), linked
-  by bounded torch queues, so tensors move through shared memory rather than as pickled
-  bytes. Used by the local backend, and always on one machine.
+  by `ShmChannel`s: rings of shared buffers allocated once, so activations move by one copy
+  in the sender's own thread. Used by the local backend, and always on one machine.
 - `ray`: stages 1..K-1 are Ray actors, placed by Ray on any node with the resources each asks
   for (the same as a worker's); activations go through Ray's object store (`ray.put` in the
   sender, `ray.get` in the receiver, both timed as communication). Stage 0 chains one actor
@@ -28,13 +28,14 @@ from typing import Any
 
 from ..errors import ModelError
 from ..models.staged import StagedModel
+from .shm_channel import ShmChannel
 
 __all__ = [
     "MemberFigures", "StageLinks", "StageLost", "host_label", "peak_rss", "stage_device", "start_links",
 ]
 
 _READY_TIMEOUT_S = 600.0
-_IN_FLIGHT = 4  # activations queued between two local stages
+DEFAULT_SLOT_BYTES = 32 * 2**20  # per activation buffer between two local stages (4 per link)
 
 
 class StageLost(Exception):
@@ -43,14 +44,16 @@ class StageLost(Exception):
 
 @dataclass(frozen=True, slots=True)
 class MemberFigures:
-    """One stage's cumulative figures since it started."""
+    """One stage's cumulative figures since it started, and its time on the item carrying them."""
 
     busy_s: float = 0.0
     comm_s: float = 0.0
     rss: int = 0
+    item_s: float = 0.0  # this micro-batch's compute time in that stage
 
     def minus(self, earlier: MemberFigures) -> MemberFigures:
-        return MemberFigures(self.busy_s - earlier.busy_s, self.comm_s - earlier.comm_s, self.rss)
+        busy, comm = self.busy_s - earlier.busy_s, self.comm_s - earlier.comm_s
+        return MemberFigures(busy, comm, self.rss, self.item_s)
 
 
 def peak_rss() -> int:
@@ -91,11 +94,11 @@ class StageLinks(ABC):
 
 def start_links(
     transport: str, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str,
-    options: Mapping[str, Any],
+    options: Mapping[str, Any], slot_bytes: int = DEFAULT_SLOT_BYTES,
 ) -> StageLinks:
     if transport == "ray":
         return _RayLinks(staged, stages, threads, device, options)
-    return _LocalLinks(staged, stages, threads, device)
+    return _LocalLinks(staged, stages, threads, device, slot_bytes)
 
 
 # -- local: child processes and torch queues -------------------------------------------------
@@ -103,7 +106,7 @@ def start_links(
 
 def _stage_main(
     staged: StagedModel, start: int, stop: int, threads: int, device: str,
-    inbox: Any, outbox: Any, status: Any,
+    inbox: ShmChannel, outbox: ShmChannel, status: Any,
 ) -> None:
     from .replica import limit_threads
 
@@ -116,42 +119,51 @@ def _stage_main(
         return
     status.put(("ready", start, host_label()))
     parent = os.getppid()
+
+    def check_parent() -> None:
+        if os.getppid() != parent:  # stage 0 is gone: nobody will read our results
+            raise SystemExit(0)
+
     busy = comm = 0.0
     while True:
-        try:
-            item = inbox.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # stage 0 is gone: nobody will read our results
-                return
+        if not inbox.poll(1.0):
+            check_parent()
             continue
-        if item is None:
+        t = time.perf_counter()
+        more, item = inbox.receive()
+        comm += time.perf_counter() - t
+        if not more:
+            outbox.close_sender()
             return
         x, figures = item
         t = time.perf_counter()
         y = stage(x)
-        busy += time.perf_counter() - t
+        took = time.perf_counter() - t
+        busy += took
         t = time.perf_counter()
-        outbox.put((y, [*figures, MemberFigures(busy, comm, peak_rss())]))
+        # Sent before the input's slot is freed: y may be a view of x (a passed-through input).
+        outbox.send((y, [*figures, MemberFigures(busy, comm, peak_rss(), took)]), check_parent)
+        inbox.release()
         comm += time.perf_counter() - t
 
 
 class _LocalLinks(StageLinks):
     def __init__(
-        self, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str
+        self, staged: StagedModel, stages: tuple[tuple[int, int], ...], threads: int, device: str,
+        slot_bytes: int,
     ) -> None:
         import torch.multiprocessing
 
         ctx = torch.multiprocessing.get_context("spawn")
-        links = [ctx.Queue(maxsize=_IN_FLIGHT) for _ in stages]
-        self.inbox = links[0]
-        self.results = ctx.Queue()
+        # channels[k] carries stage k's output to stage k+1; the last one back to stage 0
+        self.channels = [ShmChannel(ctx, slot_bytes) for _ in range(len(stages) + 1)]
         status = ctx.Queue()
         self.procs = []
         for k, (start, stop) in enumerate(stages):
-            outbox = links[k + 1] if k + 1 < len(links) else self.results
             proc = ctx.Process(
                 target=_stage_main,
-                args=(staged, start, stop, threads, stage_device(device, k + 1), links[k], outbox, status),
+                args=(staged, start, stop, threads, stage_device(device, k + 1), self.channels[k],
+                      self.channels[k + 1], status),
                 name=f"distinfer-stage-{k + 1}", daemon=True,
             )
             proc.start()
@@ -168,23 +180,19 @@ class _LocalLinks(StageLinks):
         self.hosts = tuple(hosts[start] for start, _ in stages)
 
     def send(self, x: Any) -> None:
-        while True:
-            try:
-                self.inbox.put((x, []), timeout=1.0)
-                return
-            except queue.Full:
-                self._check()
+        self.channels[0].send((x, []), self._check)
 
     def receive(self, timeout: float) -> tuple[Any, list[MemberFigures]] | None:
-        try:
-            item: tuple[Any, list[MemberFigures]] = (
-                self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait()
-            )
-            return item
-        except queue.Empty:
+        results = self.channels[-1]
+        if not results.poll(timeout):
             if timeout > 0:
                 self._check()
             return None
+        more, item = results.receive(copy=True)
+        if not more:
+            raise StageLost("the last pipeline stage stopped")
+        output, figures = item
+        return output, figures
 
     def _check(self) -> None:
         for k, proc in enumerate(self.procs, start=1):
@@ -192,11 +200,10 @@ class _LocalLinks(StageLinks):
                 raise StageLost(f"pipeline stage {k} died (exit code {proc.exitcode})")
 
     def close(self) -> None:
-        for _ in self.procs:
-            try:
-                self.inbox.put(None, timeout=1.0)
-            except queue.Full:
-                break
+        try:
+            self.channels[0].close_sender()
+        except OSError:
+            pass
         for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():
@@ -231,11 +238,12 @@ class RayStage:
         self.comm += time.perf_counter() - t
         t = time.perf_counter()
         y = self.stage(x)
-        self.busy += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.busy += took
         t = time.perf_counter()
         out = [ray.put(y)]
         self.comm += time.perf_counter() - t
-        return out, [*figures, MemberFigures(self.busy, self.comm, peak_rss())]
+        return out, [*figures, MemberFigures(self.busy, self.comm, peak_rss(), took)]
 
 
 class _RayLinks(StageLinks):

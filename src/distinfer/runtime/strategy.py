@@ -79,21 +79,26 @@ def _refuse_data(config: RunConfig, model: ModelSpec, limit: int) -> None:
     )
 
 
-def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[int, int], ...]:
+def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[tuple[int, int], ...], int]:
     """Check the strategy against the model and `--worker-memory`; for `--strategy pipeline`
-    choose and print the cut and return the stages' layer ranges (() for the others)."""
+    choose and print the cut and return the stages' layer ranges (() for the others) and the
+    size of the shared buffers that carry activations between stages (0: none)."""
     limit = usable_memory(config.worker_memory)
     if config.strategy == "data":
         if limit is not None:
             _refuse_data(config, model, limit)
-        return ()
+        return (), 0
     if config.strategy == "tensor":
         from ..models.sharding import tensor_parallel_problem
 
         problem = tensor_parallel_problem(model.name, model.kind, config.tensor_parallel or 2)
+        if problem is None and config.backend == "local":  # Ray's GPUs are on its nodes, not here
+            from .tensor import resolve_comm
+
+            problem = resolve_comm(config.device, config.tensor_parallel or 2, config.tensor_comm)[1]
         if problem:
             raise ConfigError(problem)
-        return ()
+        return (), 0
     staged = _staged(model)
     if staged is None:
         raise ConfigError(
@@ -120,4 +125,7 @@ def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[int, int], .
     staged.prepare_stages(stages)
     print(f"distinfer: pipeline of {len(plan.stages)} stages for {model.name}:", file=sys.stderr)
     print(plan.describe([c.name for c in costs]), file=sys.stderr)
-    return stages
+    # Room for four times the largest activation measured at a cut (rows longer than the
+    # measurement's 64 tokens); a larger one still goes through, pickled.
+    crossing = max((costs[s.stop - 1].activation_bytes for s in plan.stages[:-1]), default=0)
+    return stages, min(max(4 * crossing, 4 * 2**20), 256 * 2**20)

@@ -151,6 +151,24 @@ def _rank_main(
     os._exit(0)
 
 
+def resolve_comm(device: str, world: int, comm: str = "auto") -> tuple[str, str | None]:
+    """The collective engine for `comm` ("auto" resolved) and, if the ranks cannot run here,
+    why and what to use instead."""
+    dev = _rank_device(device, 0)
+    if comm == "auto":
+        comm = "nccl" if dev.type == "cuda" else "shm"
+    if (comm == "nccl") != (dev.type == "cuda") or comm not in ("shm", "gloo", "nccl"):
+        return comm, (f"tensor-parallel ranks on {dev.type} cannot exchange tensors with {comm!r}; "
+                      "use --tensor-comm shm or gloo on the CPU, nccl with --device cuda")
+    if dev.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world:
+            instead = "--device cpu" if gpus < 2 else f"--tensor-parallel {gpus} or less, or --device cpu"
+            return comm, (f"--device cuda with --tensor-parallel {world} puts each rank on a GPU of its own, "
+                          f"but this machine has {gpus}; use {instead}")
+    return comm, None
+
+
 class TensorParallelRunner(Runner):
     """`model_name` (`decoder-SIZE` or `minilm`, of ModelSpec kind `kind`) sharded over `world`
     ranks: this process is rank 0, ranks 1..world-1 are child processes using `threads`
@@ -167,19 +185,9 @@ class TensorParallelRunner(Runner):
         if problem is not None:
             raise ModelError(problem)
         dev = _rank_device(device, 0)
-        if comm == "auto":
-            comm = "nccl" if dev.type == "cuda" else "shm"
-        if (comm == "nccl") != (dev.type == "cuda") or comm not in ("shm", "gloo", "nccl"):
-            raise ModelError(f"tensor-parallel ranks on {dev.type} cannot exchange tensors with {comm!r}; "
-                             "use shm or gloo on the CPU, nccl with --device cuda")
-        if dev.type == "cuda":
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if gpus < world:
-                instead = "--device cpu" if gpus < 2 else f"--tensor-parallel {gpus} or less, or --device cpu"
-                raise ModelError(
-                    f"--device cuda with --tensor-parallel {world} puts each rank on a GPU of its own, "
-                    f"but this machine has {gpus}; use {instead}"
-                )
+        comm, problem = resolve_comm(device, world, comm)
+        if problem is not None:
+            raise ModelError(problem)
         from ..models.staged import staged_model
 
         staged = staged_model(model_name, kind)
