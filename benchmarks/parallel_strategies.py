@@ -146,7 +146,7 @@ def main() -> int:
         work = Path(tmp)
         corpus = work / "verses.txt"
         corpus.write_text("\n".join(lines[: args.rows]) + "\n", encoding="utf-8")
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             print(f"{model}: throughput", file=sys.stderr)
             runs = throughputs(model, corpus, work, args.batch_size)
             print(f"{model}: latency of one batch of {args.batch_size}", file=sys.stderr)

@@ -8,6 +8,7 @@ with sizes and alternatives, and a pipeline's cut is printed before the job runs
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..config import RunConfig
@@ -32,6 +33,11 @@ __all__ = ["RUNTIME_RESERVE", "choose_plan", "plan_layout", "usable_memory"]
 #: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
 RUNTIME_RESERVE = 512 * 2**20
 
+#: Stage 0 of a pipeline is also the worker process: it reads and tokenises each block,
+#: collects every micro-batch's outputs and writes the part. On the 1B decoder it peaked
+#: about 0.3 GiB above the other stages, so its first layer is charged this much more.
+HEAD_RESERVE = 320 * 2**20
+
 
 def usable_memory(worker_memory: str | None) -> int | None:
     """What `--worker-memory` leaves for a model's weights and activations."""
@@ -49,12 +55,20 @@ def usable_memory(worker_memory: str | None) -> int | None:
 def choose_plan(
     costs: list[LayerCost], stages: int | None, cuts: tuple[int, ...] | None, limit: int | None
 ) -> PipelinePlan:
-    """Explicit `cuts`, else the balanced cut into `stages` (default: 2, or the fewest that fit)."""
+    """Explicit `cuts`, else the balanced cut into `stages` (default: 2, or the fewest that fit).
+    Stage 0's memory includes `HEAD_RESERVE`."""
+    costs = with_head_reserve(costs)
     if cuts:
         return explicit_cut(costs, cuts, limit)
     if stages is None:
         stages = max(2, min_stages_for_memory(costs, limit) or 2) if limit else 2
     return balanced_cut(costs, stages, limit)
+
+
+def with_head_reserve(costs: list[LayerCost]) -> list[LayerCost]:
+    if not costs:
+        return costs
+    return [replace(costs[0], weight_bytes=costs[0].weight_bytes + HEAD_RESERVE), *costs[1:]]
 
 
 def _staged(model: ModelSpec) -> StagedModel | None:
@@ -68,7 +82,7 @@ def _refuse_data(config: RunConfig, model: ModelSpec, limit: int) -> None:
     weights = staged.weight_bytes() if staged is not None else None
     if not weights or sum(weights) <= limit:
         return
-    costs = [LayerCost(str(i), float(w), w, 0) for i, w in enumerate(weights)]
+    costs = with_head_reserve([LayerCost(str(i), float(w), w, 0) for i, w in enumerate(weights)])
     fewest = min_stages_for_memory(costs, limit)
     hint = f"--strategy pipeline --stages {fewest}" if fewest else "a larger --worker-memory"
     raise ConfigError(
