@@ -2,9 +2,10 @@
 
     import distinfer
     report = distinfer.run(model="minilm", input="corpus.txt", output="out/", workers=2)
+    distinfer.serve(model="minilm", replicas=2, port=8000)   # until SIGTERM / Ctrl-C
 """
 
-from .api import bench, run
+from .api import bench, run, serve
 from .config import RunConfig
 from .errors import (
     ConfigError,
@@ -16,6 +17,7 @@ from .errors import (
     OutputError,
 )
 from .report import JobReport
+from .serving.config import ServeConfig
 
 __all__ = [
     "ConfigError",
@@ -27,8 +29,10 @@ __all__ = [
     "ModelInputError",
     "OutputError",
     "RunConfig",
+    "ServeConfig",
     "bench",
     "run",
+    "serve",
 ]
 
 __version__ = "0.1.0"

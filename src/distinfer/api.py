@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig
 from .report import JobReport
 
-__all__ = ["bench", "run"]
+if TYPE_CHECKING:
+    from .serving.config import ServeConfig
+
+__all__ = ["bench", "run", "serve"]
 
 
 def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
@@ -29,6 +32,30 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
     elif options:
         config = RunConfig.build({**_as_dict(config), **options})
     return run_job(config)
+
+
+def serve(config: ServeConfig | None = None, /, **options: Any) -> int:
+    """Serve a model over HTTP until SIGTERM or Ctrl-C; returns the exit code (0 after a
+    clean drain). Give a `ServeConfig` or its fields as keywords::
+
+        distinfer.serve(model="minilm", replicas=2, port=8000)
+
+    Needs the serve extra (`pip install 'distinfer[serve]'`)."""
+    from .serving.config import ServeConfig
+
+    if config is None:
+        config = ServeConfig(**options)
+    elif options:
+        config = ServeConfig(**{**_as_dict(config), **options})
+    try:
+        from .serving.main import serve as run_server
+    except ImportError as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"serving needs {exc.name}; install it with: pip install 'distinfer[serve]'"
+        ) from None
+    return run_server(config)
 
 
 def bench(
@@ -63,5 +90,5 @@ def bench(
     return blocks[0].rows / (time.perf_counter() - start)
 
 
-def _as_dict(config: RunConfig) -> dict[str, Any]:
+def _as_dict(config: RunConfig | ServeConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}

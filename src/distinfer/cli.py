@@ -41,12 +41,22 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--column", "--field", dest="column", help="input column/field to feed the model (default: 'text', the only column, or the columns named like the model inputs)")
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
+    _layout_args(p)
+    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds (default 600)")
+    p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
+    p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
+    p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _layout_args(p: Any) -> None:
+    """Where replicas run and how each holds the model: shared by 'run' and 'serve'."""
     p.add_argument("--backend", choices=["local", "ray"], help="where workers run: local processes (default) or actors on a Ray cluster")
     p.add_argument("--address", help="ray: the cluster to join: 'auto' (the one 'ray start' made on this node), 'ray://host:10001', or leave out to start Ray on this machine")
     p.add_argument("--worker-cpus", type=float, help="ray: CPUs each worker asks for (default 1)")
     p.add_argument("--worker-gpus", type=float, help="ray: GPUs each worker asks for (default 0)")
     p.add_argument("--worker-resource", dest="worker_resources", action="append", type=_resource, metavar="NAME=AMOUNT", help="ray: a custom resource each worker asks for, to pin workers to kinds of nodes (repeatable)")
-    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds (default 600)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device for the model (default cpu)")
     p.add_argument("--strategy", choices=["data", "pipeline", "tensor"], help="data: a whole model copy per replica (default); pipeline: each replica is a group of stage processes, each holding only its layers (built-in models, ONNX files, traceable PyTorch models); tensor: each replica is a group of ranks sharing every layer, Megatron-style (minilm, decoder-SIZE)")
     p.add_argument("--tensor-parallel", type=int, help="tensor: ranks per replica (default 2)")
@@ -54,11 +64,6 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--stages", type=int, help="pipeline: stages per worker (default 2, or the fewest that fit --worker-memory)")
     p.add_argument("--cuts", type=_cuts, help="pipeline: explicit cut points, the first layer of stages 2.. (e.g. 4,9); see 'distinfer plan'")
     p.add_argument("--worker-memory", help="memory limit per worker process, e.g. 3GiB: pipeline stages are cut to fit it, and a model larger than it is refused for --strategy data")
-    p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
-    p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
-    p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: when stderr is a terminal)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def _cuts(text: str) -> tuple[int, ...]:
@@ -76,6 +81,39 @@ def _resource(text: str) -> tuple[str, float]:
         return name, float(amount)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. accelerator_x=1), got {text!r}") from None
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (KServe v2 protocol) with dynamic batching over replicas",
+        description=(
+            "Serve MODEL at http://HOST:PORT with the KServe v2 / Open Inference Protocol "
+            "(POST /v2/models/NAME/infer, JSON or binary tensors; POST /text for text models; "
+            "GET /metrics). Concurrent requests are merged into batches of up to --max-batch-size "
+            "rows, waiting at most --max-queue-delay-ms, and each batch goes to the least-loaded "
+            "ready replica. SIGTERM or Ctrl-C drains: readiness turns false, queued and running "
+            "requests finish, then the server exits 0."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--model", "-m", required=True, help="built-in model (minilm, decoder-SIZE) or an .onnx file")
+    p.add_argument("--model-name", help="the model's name in URLs (default: minilm, decoder-SIZE, or the file's stem)")
+    p.add_argument("--replicas", "--workers", "-w", dest="replicas", type=int, help="replicas (default 2): worker processes, or pipelines / tensor-parallel groups with --strategy pipeline/tensor")
+    p.add_argument("--threads-per-replica", "--threads-per-worker", dest="threads_per_replica", type=int, help="threads per process (default: the cores divided among all processes)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one, printed at start)")
+    p.add_argument("--max-batch-size", type=int, help="rows merged into one model call (default 32)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for others to join its batch when a replica is free (default 10)")
+    p.add_argument("--max-queue", type=int, help="rows allowed to wait; requests beyond get 429 (default 512)")
+    p.add_argument("--timeout-ms", type=float, help="a request's deadline when it sets no 'timeout' parameter (default 1000): 429 at once if it cannot be met, 504 if it passes while queued")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help="on SIGTERM, seconds queued and running requests may take before the server exits (default 30)")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 16 MiB)")
+    p.add_argument("--max-restarts", type=int, help="replacement replicas over the server's life (default 10)")
+    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="exit with an error when no replica is warm after this many seconds (default 600)")
+    _layout_args(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def _bench_parser(sub: Any) -> None:
@@ -150,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="distinfer 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub)
+    _serve_parser(sub)
     _bench_parser(sub)
     _plan_parser(sub)
     sub.add_parser("models", help="list the built-in models")
@@ -171,6 +210,19 @@ def _cmd_run(args: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_serve(args: dict[str, Any]) -> int:
+    from .api import serve
+    from .serving.config import ServeConfig
+
+    if "worker_resources" in args:
+        args["worker_resources"] = dict(args["worker_resources"])
+    try:
+        config = ServeConfig(**args)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return serve(config)
+
+
 def _cmd_bench(args: dict[str, Any]) -> int:
     from .api import bench
 
@@ -190,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "run":
             return _cmd_run(args)
+        if command == "serve":
+            return _cmd_serve(args)
         if command == "bench":
             return _cmd_bench(args)
         if command == "plan":

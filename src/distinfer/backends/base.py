@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from ..runtime.messages import AssignBlock, CancelBlock, WorkerMessage, WorkerSpec
+from ..runtime.messages import AssignBlock, CancelBlock, InferBatch, WorkerMessage, WorkerSpec
 
 __all__ = ["Backend", "WorkerGone"]
 
@@ -34,8 +34,10 @@ class Backend(ABC):
         """Start worker `worker` (asynchronously: it reports WorkerReady when loaded)."""
 
     @abstractmethod
-    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
-        """Deliver a message; a worker that is gone is reported by `receive`, not here."""
+    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
+        """Deliver a message; a worker that is gone is reported by `receive`, not here. Safe
+        to call from another thread than the one in `receive` (serving sends from its event
+        loop while a receiver thread waits)."""
 
     @abstractmethod
     def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:

@@ -22,6 +22,7 @@ from ..runtime.messages import (
     BlockStarting,
     BlockUnfinished,
     CancelBlock,
+    InferBatch,
     StopWorker,
     WorkerMessage,
     WorkerSpec,
@@ -60,7 +61,9 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
             waited += time.perf_counter() - t if not queue else 0.0
             if isinstance(message, StopWorker):
                 return
-            if isinstance(message, AssignBlock):
+            if isinstance(message, InferBatch):  # serving: answered at once, never queued
+                conn.send(replica.infer(message))
+            elif isinstance(message, AssignBlock):
                 queue.append(message)
             elif isinstance(message, CancelBlock):
                 queue = deque(m for m in queue if m.block.id != message.block_id)
@@ -98,7 +101,7 @@ class LocalBackend(Backend):
         proc = self._procs.get(worker)
         return proc.pid if proc is not None else None
 
-    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
+    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
         conn = self._conns.get(worker)
         if conn is None:
             return

@@ -30,6 +30,7 @@ from ..runtime.messages import (
     AssignBlock,
     BlockUnfinished,
     CancelBlock,
+    InferBatch,
     WorkerMessage,
     WorkerReady,
     WorkerSpec,
@@ -102,6 +103,9 @@ class ReplicaActor:
     def cancel(self, block_id: int) -> None:
         self.cancelled.add(block_id)
 
+    def infer(self, message: InferBatch) -> WorkerMessage:
+        return self.replica.infer(message)  # type: ignore[no-any-return]
+
     def run(self, block: Block) -> WorkerMessage | None:
         from ..runtime.replica import error_info
 
@@ -149,11 +153,13 @@ class RayBackend(Backend):
         self._actors[worker] = actor
         self._refs[actor.ready.remote()] = (worker, "ready")
 
-    def send(self, worker: int, message: AssignBlock | CancelBlock) -> None:
+    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
         actor = self._actors.get(worker)
         if actor is None:
             return
-        if isinstance(message, AssignBlock):
+        if isinstance(message, InferBatch):
+            self._refs[actor.infer.remote(message)] = (worker, "infer")
+        elif isinstance(message, AssignBlock):
             self._refs[actor.run.remote(message.block)] = (worker, "run")
         else:
             actor.cancel.remote(message.block_id)

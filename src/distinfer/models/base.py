@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ModelInputError
 
-__all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "run_block"]
+__all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "run_block"]
 
 Column = list[str] | np.ndarray
 
@@ -55,6 +55,22 @@ class GroupStats:
     comm_s: tuple[float, ...]  # moving activations: queue put/get, broadcasts, all-reduces
     peak_rss: tuple[int, ...]  # bytes, the member process's peak resident memory so far
     bubble_s: float = 0.0  # pipeline: stage-seconds idle while the block's pipeline filled and drained
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A model input or output: `dtype` a numpy dtype string ("<f4") or "text"; `shape` with
+    -1 for a dimension of any size, the first (rows) always -1."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+WARM_UP_TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep. " * 3,
+]
 
 
 class Runner(ABC):
@@ -95,6 +111,24 @@ class Runner(ABC):
     def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
         """Run a block's batches; a pipeline overrides this to keep every stage busy."""
         return [self.forward(batch) for batch in batches]
+
+    def input_info(self) -> tuple[TensorInfo, ...] | None:
+        """What each input takes, when the model says (None: unknown, so no warm-up rows)."""
+        if self.input_names == ("text",):
+            return (TensorInfo("text", "text", (-1,)),)
+        return None
+
+    def example_inputs(self) -> dict[str, Column] | None:
+        """A few rows the model accepts, for warming it up (None when the inputs are unknown)."""
+        info = self.input_info()
+        if info is None:
+            return None
+        rows = len(WARM_UP_TEXTS)
+        return {
+            t.name: list(WARM_UP_TEXTS) if t.dtype == "text"
+            else np.zeros((rows, *(1 if d < 0 else d for d in t.shape[1:])), dtype=np.dtype(t.dtype))
+            for t in info
+        }
 
     def group_stats(self) -> GroupStats | None:
         """A replica group's figures for the last `forward_many`; None for a single process."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError, ModelInputError
-from .base import Batches, Column, Runner
+from .base import Batches, Column, Runner, TensorInfo
 
 __all__ = ["ONNX_TYPES", "InputSpec", "OnnxRunner", "check_input", "open_session", "prepare_inputs"]
 
@@ -113,6 +113,18 @@ def prepare_inputs(specs: Mapping[str, InputSpec], inputs: Mapping[str, Column],
     return Batches(batches)
 
 
+def input_info(specs: Mapping[str, InputSpec]) -> tuple[TensorInfo, ...] | None:
+    """The inputs as the serving protocol describes them (None if a type is unsupported)."""
+    out = []
+    for spec in specs.values():
+        dtype = ONNX_TYPES.get(spec.type)
+        if dtype is None:
+            return None
+        shape = (-1, *(d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape[1:]))
+        out.append(TensorInfo(spec.name, np.dtype(dtype).str, shape))
+    return tuple(out)
+
+
 class OnnxRunner(Runner):
     def __init__(self, path: Path, threads: int, device: str = "cpu") -> None:
         self.session = open_session(str(path), threads, device, str(path))
@@ -123,6 +135,9 @@ class OnnxRunner(Runner):
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         return prepare_inputs(self.inputs, inputs, batch_size)
+
+    def input_info(self) -> tuple[TensorInfo, ...] | None:
+        return input_info(self.inputs)
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         results = self.session.run(None, batch)

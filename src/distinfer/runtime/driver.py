@@ -200,6 +200,8 @@ class _Job:
             return BlockFailed(item.worker, item.block_id, item.error)
         if isinstance(item, msg.WorkerUnusable):
             return WorkerFailed(item.worker, item.error)
+        if not isinstance(item, WorkerGone):
+            return None  # serving answers; a batch job sends none
         self.stats[item.worker].lost = item.reason
         return WorkerLost(item.worker, item.reason)
 

@@ -9,18 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..data.blocks import Block
 from ..data.sources import SourceSpec
 from ..errors import ErrorInfo
-from ..models.base import GroupStats
+from ..models.base import Column, GroupStats, TensorInfo
 from ..models.registry import ModelSpec
 
 __all__ = [
     "AssignBlock",
+    "BatchDone",
+    "BatchFailed",
     "BlockFinished",
     "BlockStarting",
     "BlockUnfinished",
     "CancelBlock",
+    "InferBatch",
     "StopWorker",
     "WorkerMessage",
     "WorkerReady",
@@ -31,10 +36,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What a worker needs to load its model and do blocks; sent once at start."""
+    """What a worker needs to load its model and do blocks (or serve batches); sent once at start."""
 
     model: ModelSpec
-    source: SourceSpec
+    source: SourceSpec | None  # None when serving: rows arrive in InferBatch messages
     column: str | None
     output_dir: str
     batch_size: int
@@ -47,6 +52,7 @@ class WorkerSpec:
     stage_transport: str = "local"  # pipeline: "local" child processes or "ray" actors
     stage_slot_bytes: int = 0  # pipeline, local: each shared activation buffer (0: the default)
     stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
+    serving: bool = False  # warm the model up and describe its inputs and outputs before ready
 
 
 # driver -> worker
@@ -60,6 +66,14 @@ class AssignBlock:
 @dataclass(frozen=True, slots=True)
 class CancelBlock:
     block_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class InferBatch:
+    """Serving: run these rows (keyed by model input) now; answered by BatchDone or BatchFailed."""
+
+    batch_id: int
+    inputs: dict[str, Column]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,8 @@ class WorkerReady:
     host: str
     load_s: float  # from the worker's entry to a loaded model (imports included)
     members: tuple[str, ...] = ()  # a group's stages or ranks: where each runs
+    inputs: tuple[TensorInfo, ...] = ()  # serving: what the model takes (from the warm-up)
+    outputs: tuple[TensorInfo, ...] = ()  # serving: what it returned for the warm-up rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,4 +126,21 @@ class WorkerUnusable:
     error: ErrorInfo
 
 
-WorkerMessage = WorkerReady | BlockStarting | BlockFinished | BlockUnfinished | WorkerUnusable
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    worker: int
+    batch_id: int
+    outputs: dict[str, np.ndarray]  # one row per input row, in order
+    busy_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailed:
+    worker: int
+    batch_id: int
+    error: ErrorInfo
+
+
+WorkerMessage = (
+    WorkerReady | BlockStarting | BlockFinished | BlockUnfinished | WorkerUnusable | BatchDone | BatchFailed
+)

@@ -19,9 +19,9 @@ from ..data.blocks import Block
 from ..data.sink import write_part
 from ..data.sources import SourceSpec, describe_row, read_block
 from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError
-from ..models.base import Column, Runner, StageTimer, run_block
+from ..models.base import Column, Runner, StageTimer, TensorInfo, run_block
 from ..models.registry import load_runner
-from .messages import BlockFinished, WorkerReady, WorkerSpec
+from .messages import BatchDone, BatchFailed, BlockFinished, InferBatch, WorkerReady, WorkerSpec
 
 __all__ = ["Replica", "error_info", "limit_threads"]
 
@@ -58,17 +58,52 @@ class Replica:
         self.worker = worker
         self.spec = spec
         self.runner = _load(spec)
-        self.binding = self.runner.bind(spec.source.columns, spec.column)
+        self.binding = self.runner.bind(spec.source.columns, spec.column) if spec.source else {}
+        self.inputs: tuple[TensorInfo, ...] = ()
+        self.outputs: tuple[TensorInfo, ...] = ()
+        if spec.serving:
+            self._warm_up()
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at
 
     def ready_message(self) -> WorkerReady:
         return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s,
-                           getattr(self.runner, "hosts", ()))
+                           getattr(self.runner, "hosts", ()), self.inputs, self.outputs)
+
+    def _warm_up(self) -> None:
+        """Run a few example rows twice (first-call costs paid before any request) and
+        describe the model's inputs and outputs from them."""
+        self.inputs = self.runner.input_info() or tuple(
+            TensorInfo(name, "unknown", (-1,)) for name in self.runner.input_names
+        )
+        example = self.runner.example_inputs()
+        if example is None:
+            return
+        for _ in range(2):
+            outputs = self._infer(example)
+        self.outputs = tuple(
+            TensorInfo(name, value.dtype.str, (-1, *value.shape[1:])) for name, value in outputs.items()
+        )
+
+    def infer(self, message: InferBatch) -> BatchDone | BatchFailed:
+        """Serving: one batch of rows now, outputs in row order (or the error, as data)."""
+        start = time.perf_counter()
+        try:
+            outputs = self._infer(message.inputs)
+        except Exception as exc:
+            return BatchFailed(self.worker, message.batch_id, error_info(exc))
+        return BatchDone(self.worker, message.batch_id, outputs, time.perf_counter() - start)
+
+    def _infer(self, inputs: Mapping[str, Column]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(inputs.values())))
+        outputs = run_block(self.runner, inputs, self.spec.batch_size, StageTimer())
+        _check_rows(outputs, rows)
+        return outputs
 
     def run(self, block: Block, waited_s: float = 0.0) -> BlockFinished:
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
+        assert self.spec.source is not None, "a serving replica runs no blocks"
         inputs = read_inputs(self.spec.source, block, self.binding)
         t = timer.add("read", t)
         try:
@@ -78,18 +113,22 @@ class Replica:
             raise ModelInputError(f"{where} (block {block.id}): {exc}") from None
         t = time.perf_counter()
         rows = np.arange(block.start, block.stop, dtype=np.int64)
-        for name, value in outputs.items():
-            if len(value) != block.rows:
-                raise DistinferError(
-                    f"model output '{name}' has {len(value)} rows for a block of {block.rows}; "
-                    "a model must return one result per input row"
-                )
+        _check_rows(outputs, block.rows)
         write_part(self.spec.output_dir, block.id, rows, outputs)
         timer.add("write", t)
         return BlockFinished(
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
             self.runner.group_stats(),
         )
+
+
+def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
+    for name, value in outputs.items():
+        if len(value) != rows:
+            raise DistinferError(
+                f"model output '{name}' has {len(value)} rows for {rows} input rows; "
+                "a model must return one result per input row"
+            )
 
 
 def _load(spec: WorkerSpec) -> Runner:

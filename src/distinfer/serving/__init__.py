@@ -1,0 +1,1 @@
+"""Online serving: `distinfer serve`."""

@@ -1,0 +1,82 @@
+"""`serve(config)`: plan the replicas as the batch engine does, start them, listen, and on
+SIGTERM or Ctrl-C drain (readiness false first, queued and running requests finish within
+`drain_timeout_s`) and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from ..backends import make_backend
+from ..errors import DistinferError
+from ..models.registry import parse_model
+from ..runtime.messages import WorkerSpec
+from ..runtime.strategy import plan_layout
+from .config import ServeConfig, served_name
+
+__all__ = ["serve"]
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the server until SIGTERM or Ctrl-C; the exit code (0 after a clean drain)."""
+    return asyncio.run(_serve(config))
+
+
+def worker_spec(config: ServeConfig) -> WorkerSpec:
+    """The replicas' spec: the batch engine's, with no input source and a warm-up."""
+    run = config.run_config()
+    model = parse_model(config.model)
+    stages, slot_bytes = plan_layout(run, model)
+    # A pipeline replica cuts each batch into micro-batches that stream through its stages.
+    rows_per_call = max(1, config.max_batch_size // (2 * len(stages))) if stages else config.max_batch_size
+    return WorkerSpec(model, None, None, "", rows_per_call, run.threads, config.device, config.strategy,
+                      stages, config.tensor_parallel or 2, tensor_comm=config.tensor_comm,
+                      stage_slot_bytes=slot_bytes, serving=True)
+
+
+async def _serve(config: ServeConfig) -> int:
+    from aiohttp import web
+
+    from .app import make_app
+    from .metrics import ServerMetrics
+    from .server import InferenceServer
+
+    spec = worker_spec(config)
+    name = config.model_name or served_name(spec.model)
+    metrics = ServerMetrics()
+    server = InferenceServer(config, make_backend(config.run_config(), spec), metrics, name, spec.model.kind)
+    runner = web.AppRunner(make_app(server, metrics, config.max_body_bytes), handler_cancellation=True,
+                           access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise DistinferError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; "
+                                 "pick another --port or stop what uses it") from None
+        host, port = runner.addresses[0][:2]
+        print(f"distinfer: serving '{name}' on http://{host}:{port} ({config.replicas} replicas "
+              f"warming up; ready at /v2/health/ready)", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server.start()
+        stopping = asyncio.ensure_future(stop.wait())
+        failing = asyncio.ensure_future(server.stopped.wait())
+        await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
+        if server.failed is not None:
+            print(f"distinfer: error: {server.failed}", file=sys.stderr, flush=True)
+            return 1
+        print("distinfer: draining: not ready any more; finishing queued and running requests",
+              file=sys.stderr, flush=True)
+        await server.drain(config.drain_timeout_s)
+        print("distinfer: drained; bye", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        await runner.cleanup()
+        server.close()

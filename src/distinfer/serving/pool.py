@@ -1,0 +1,73 @@
+"""The replicas behind a server: the batch engine's backend (local processes or Ray actors)
+run by one receiver thread, bridged to the server's event loop.
+
+The event loop sends batches itself (`Backend.send` is safe beside a waiting `receive`);
+the receiver thread waits for answers and losses and hands them to the loop, and it alone
+starts and stops workers, so the backend's bookkeeping has one writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+
+from ..backends.base import Backend, WorkerGone
+from ..runtime.messages import InferBatch, WorkerMessage
+
+__all__ = ["ReplicaPool"]
+
+Items = list[WorkerMessage | WorkerGone]
+
+
+class ReplicaPool:
+    def __init__(
+        self, backend: Backend, loop: asyncio.AbstractEventLoop, on_items: Callable[[Items], None]
+    ) -> None:
+        self.backend = backend
+        self.loop = loop
+        self.on_items = on_items
+        self._control: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._receive_loop, name="distinfer-replicas", daemon=True)
+
+    def start(self, workers: list[int]) -> None:
+        for worker in workers:
+            self._control.put(("start", worker))
+        self._thread.start()
+
+    def replace(self, worker: int) -> None:
+        """Start worker `worker` (a replacement) from the receiver thread."""
+        self._control.put(("start", worker))
+
+    def retire(self, worker: int) -> None:
+        self._control.put(("stop", worker))
+
+    def send(self, worker: int, message: InferBatch) -> None:
+        self.backend.send(worker, message)
+
+    def _receive_loop(self) -> None:
+        while not self._closing.is_set():
+            while True:
+                try:
+                    what, worker = self._control.get_nowait()
+                except queue.Empty:
+                    break
+                if what == "start":
+                    self.backend.start(worker)
+                else:
+                    self.backend.stop(worker)
+            items = self.backend.receive(timeout=0.05)
+            if items and not self._closing.is_set():
+                try:
+                    self.loop.call_soon_threadsafe(self.on_items, items)
+                except RuntimeError:  # the loop closed under us: shutting down
+                    return
+
+    def close(self) -> None:
+        """Stop the receiver thread, then every worker."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.backend.close()

@@ -1,0 +1,324 @@
+"""The serving core: requests in, batches out to the least-loaded ready replica, answers back.
+
+Everything here runs on the server's event loop; the replicas' answers arrive through
+`ReplicaPool`. A replica runs one batch at a time, so while all are busy requests gather
+in the queue and the next free replica takes as many as fit (dynamic batching); when a
+replica is idle the oldest request waits at most `max_queue_delay_ms` for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backends.base import Backend, WorkerGone
+from ..errors import ErrorInfo
+from ..models.base import Column, TensorInfo
+from ..runtime import messages as msg
+from .batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, signature
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .pool import Items, ReplicaPool
+
+__all__ = ["BatchError", "InferenceServer"]
+
+
+class BatchError(Exception):
+    """The model failed on a request's rows (`error.kind` ModelInputError: the rows' fault)."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass
+class _Replica:
+    worker: int
+    ready: bool = False
+    batches: dict[int, list[Pending]] = field(default_factory=dict)
+    rate: RateEstimate = field(default_factory=RateEstimate)
+    pid: int = 0
+
+
+class InferenceServer:
+    def __init__(self, config: ServeConfig, backend: Backend, metrics: ServerMetrics, name: str,
+                 kind: str) -> None:
+        self.config = config
+        self.name = name
+        self.kind = kind
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.queue = RequestQueue(config.max_batch_size, config.max_queue)
+        self.pool = ReplicaPool(backend, self.loop, self._on_items)
+        self.replicas: dict[int, _Replica] = {w: _Replica(w) for w in range(config.replicas)}
+        self.inputs: tuple[TensorInfo, ...] = ()
+        self.outputs: tuple[TensorInfo, ...] = ()
+        self.started = False  # every first replica warm (or unusable)
+        self.draining = False
+        self.failed: str | None = None  # why the server cannot serve at all
+        self.stopped = asyncio.Event()  # set on failure: the process should exit
+        self._settled: set[int] = set()
+        self._batches: dict[int, tuple[int, list[Pending]]] = {}
+        self._next_batch = 0
+        self._next_worker = config.replicas
+        self.restarts = 0
+        self._wake = asyncio.Event()
+        self._delay_s = config.max_queue_delay_ms / 1e3
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pool.start(list(self.replicas))
+        self._task = self.loop.create_task(self._dispatch_loop())
+        self.loop.call_later(self.config.start_timeout_s, self._start_timeout)
+
+    def ready_count(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.ready)
+
+    def is_ready(self) -> bool:
+        return self.started and not self.draining and self.failed is None and self.ready_count() > 0
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests; let queued and running ones finish, for at most `timeout_s`."""
+        self.draining = True
+        self._wake.set()
+        deadline = self.loop.time() + timeout_s
+        while (self.queue.oldest() is not None or self._batches) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        gone = Shed(503, "draining", "the server shut down before answering; retry on another one")
+        while (p := self.queue.oldest()) is not None:
+            self.queue.drop(p)
+            self._answer(p, gone)
+        for _, batch in self._batches.values():
+            for p in batch:
+                if p.state == "running":
+                    self._answer(p, gone)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.pool.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def submit(self, inputs: dict[str, Column], rows: int, timeout_s: float | None) -> Pending:
+        """Queue a request or raise Shed (503 not ready or draining, 429 full or too late)."""
+        if not self.is_ready():
+            raise self.not_ready()
+        now = self.loop.time()
+        timeout = timeout_s if timeout_s is not None else self.config.timeout_ms / 1e3
+        pending = Pending(inputs, rows, now, now + timeout, self.loop.create_future(), signature(inputs))
+        rate, batch_s = self._capacity()
+        self.queue.admit(pending, now, rate, batch_s)
+        pending.timer = self.loop.call_at(pending.deadline, self._expire, pending)
+        self.metrics.queue_depth.set(self.queue.rows)
+        self._wake.set()
+        return pending
+
+    async def result(self, pending: Pending) -> dict[str, np.ndarray]:
+        """The request's outputs; raises Shed (504) or BatchError. A cancelled wait (the
+        client went away) takes the request out of the queue."""
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if self.queue.drop(pending):
+                self.metrics.shed.inc(model=self.name, reason="disconnected")
+            pending.state = "answered"
+            if pending.timer is not None:
+                pending.timer.cancel()
+            raise
+
+    def not_ready(self) -> Shed:
+        if self.draining:
+            return Shed(503, "draining", "the server is shutting down; retry on another one", 1)
+        return Shed(503, "not_ready", "the server is not ready (replicas warming up or lost); retry later", 1)
+
+    def _capacity(self) -> tuple[float | None, float | None]:
+        """Rows per second of all ready replicas together, and one batch's time."""
+        ready = [r for r in self.replicas.values() if r.ready and r.rate.rows_per_s]
+        if not ready:
+            return None, None
+        rate = sum(r.rate.rows_per_s or 0.0 for r in ready)
+        return rate, max(r.rate.batch_s or 0.0 for r in ready)
+
+    def _expire(self, pending: Pending) -> None:
+        if pending.state == "queued":
+            self.queue.drop(pending)
+            self._answer(pending, Shed(504, "timeout", "the request's deadline passed while it waited; "
+                                                       "it was not computed"))
+        elif pending.state == "running":
+            self._answer(pending, Shed(504, "timeout", "the request's deadline passed while it ran"))
+
+    def _answer(self, pending: Pending, result: dict[str, np.ndarray] | BaseException) -> None:
+        pending.state = "answered"
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if pending.future.done():
+            return
+        if isinstance(result, BaseException):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)
+
+    # -- batching --------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            delay = self._dispatch()
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _dispatch(self) -> float | None:
+        """Send every batch that can go now; the seconds until the oldest request's delay
+        runs out when it waits for company, else None."""
+        while True:
+            first = self.queue.oldest()
+            if first is None:
+                return None
+            free = [r for r in self.replicas.values() if r.ready and not r.batches]
+            if not free:
+                return None
+            now = self.loop.time()
+            age = now - first.arrived
+            full = self.queue.ready_rows() >= self.queue.max_batch
+            if not full and age < self._delay_s and not self.draining:
+                return self._delay_s - age
+            batch = self.queue.take(now)
+            replica = min(free, key=lambda r: r.rate.batch_s or 0.0)
+            self._send(replica, batch, now)
+
+    def _send(self, replica: _Replica, batch: list[Pending], now: float) -> None:
+        batch_id = self._next_batch
+        self._next_batch += 1
+        self._batches[batch_id] = (replica.worker, batch)
+        replica.batches[batch_id] = batch
+        for p in batch:
+            p.attempts += 1
+            self.metrics.queue_time.observe(now - p.arrived, model=self.name)
+        self.metrics.batch_size.observe(sum(p.rows for p in batch), model=self.name)
+        self.metrics.queue_depth.set(self.queue.rows)
+        self.pool.send(replica.worker, msg.InferBatch(batch_id, merge_inputs(batch)))
+
+    # -- what the replicas say -------------------------------------------------------------
+
+    def _on_items(self, items: Items) -> None:
+        for item in items:
+            if isinstance(item, msg.BatchDone):
+                self._done(item)
+            elif isinstance(item, msg.BatchFailed):
+                self._failed(item)
+            elif isinstance(item, msg.WorkerReady):
+                self._ready(item)
+            elif isinstance(item, msg.WorkerUnusable):
+                self._unusable(item)
+            elif isinstance(item, WorkerGone):
+                self._gone(item)
+        self.metrics.replicas_ready.set(self.ready_count())
+        self._wake.set()
+
+    def _take_batch(self, worker: int, batch_id: int) -> list[Pending]:
+        entry = self._batches.pop(batch_id, None)
+        replica = self.replicas.get(worker)
+        if replica is not None:
+            replica.batches.pop(batch_id, None)
+        return entry[1] if entry else []
+
+    def _done(self, item: msg.BatchDone) -> None:
+        batch = self._take_batch(item.worker, item.batch_id)
+        rows = sum(p.rows for p in batch)
+        replica = self.replicas.get(item.worker)
+        if replica is not None:
+            replica.rate.add(rows, item.busy_s)
+        self.metrics.replica_busy.inc(item.busy_s, replica=str(item.worker))
+        start = 0
+        for p in batch:
+            if p.state == "running":
+                self._answer(p, {k: v[start : start + p.rows] for k, v in item.outputs.items()})
+            start += p.rows
+
+    def _failed(self, item: msg.BatchFailed) -> None:
+        batch = [p for p in self._take_batch(item.worker, item.batch_id) if p.state == "running"]
+        if len(batch) > 1:  # find the request at fault: each runs alone once more
+            for p in batch:
+                p.solo = True
+                p.attempts -= 1
+            self.queue.push_front(batch)
+            return
+        for p in batch:
+            self._answer(p, BatchError(item.error))
+
+    def _ready(self, item: msg.WorkerReady) -> None:
+        replica = self.replicas.get(item.worker)
+        if replica is None:
+            return
+        replica.ready, replica.pid = True, item.pid
+        if not self.inputs:
+            self.inputs, self.outputs = item.inputs, item.outputs
+        _log(f"replica {item.worker} ready (pid {item.pid} on {item.host}, warm after {item.load_s:.1f} s)")
+        self._settle(item.worker)
+
+    def _unusable(self, item: msg.WorkerUnusable) -> None:
+        self.replicas.pop(item.worker, None)
+        _log(f"replica {item.worker} could not start: {item.error.message}")
+        self._settle(item.worker)
+        if not self.replicas:
+            self._fail(f"no replica could start: {item.error.message}")
+
+    def _gone(self, item: WorkerGone) -> None:
+        replica = self.replicas.pop(item.worker, None)
+        if replica is None:
+            return
+        _log(f"replica lost: {item.reason}")
+        retry: list[Pending] = []
+        for batch_id, batch in replica.batches.items():
+            self._batches.pop(batch_id, None)
+            for p in batch:
+                if p.state != "running":
+                    continue
+                if p.attempts >= 2:
+                    self._answer(p, Shed(503, "replica_lost", "the replicas running this request were lost "
+                                                              "twice; retry later"))
+                else:
+                    retry.append(p)
+        self.queue.push_front(retry)
+        self._settle(item.worker)
+        if self.draining or self.restarts >= self.config.max_restarts:
+            if not self.replicas:
+                self._fail(f"every replica was lost and no replacement is allowed (--max-restarts "
+                           f"{self.config.max_restarts}): {item.reason}")
+            return
+        self.restarts += 1
+        worker = self._next_worker
+        self._next_worker += 1
+        self.replicas[worker] = _Replica(worker)
+        self.pool.replace(worker)
+
+    def _settle(self, worker: int) -> None:
+        self._settled.add(worker)
+        if not self.started and all(w in self._settled for w in range(self.config.replicas)):
+            self.started = bool(self.ready_count())
+            if self.started:
+                _log(f"ready: {self.ready_count()} of {self.config.replicas} replicas of {self.name} warm")
+
+    def _start_timeout(self) -> None:
+        if not self.started and not self.failed:
+            reason = self.pool.backend.unready_reason() or (
+                f"no replica was warm after {self.config.start_timeout_s:.0f} s (--start-timeout)")
+            self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        self.stopped.set()
+
+
+def _log(text: str) -> None:
+    print(f"distinfer: {text}", file=sys.stderr, flush=True)

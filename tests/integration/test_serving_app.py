@@ -1,0 +1,233 @@
+"""The HTTP app and the dynamic batcher over in-process fake replicas (tests/helpers/
+fake_serving.py): what clients see for good and bad requests, batching, shedding, deadlines,
+lost replicas, draining, and generated requests that must never break the server."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from fake_serving import FakeBackend, Running, fake_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+INFER = "/v2/models/fake/infer"
+
+
+def body(texts: list[str], **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}], **extra}
+
+
+def test_infer_json_and_binary_and_text_route() -> None:
+    with fake_server() as s:
+        r = requests.post(s.url + INFER, json=body(["ab", "cde"], id="r1"), timeout=10)
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        assert r.json()["id"] == "r1" and out["length"]["data"] == [2, 3] and out["length"]["datatype"] == "INT64"
+        assert out["pair"]["shape"] == [2, 2] and out["pair"]["datatype"] == "FP32"
+
+        # binary in (BYTES: uint32 length + bytes per element), binary out
+        raw = b"".join(struct.pack("<I", len(t)) + t for t in (b"hello", b"\xc3\xa9t\xc3\xa9"))
+        header = json.dumps({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "outputs": [{"name": "length", "parameters": {"binary_data": True}}]}).encode()
+        r = requests.post(s.url + INFER, data=header + raw, timeout=10,
+                          headers={"Inference-Header-Content-Length": str(len(header))})
+        assert r.status_code == 200, r.text
+        n = int(r.headers["Inference-Header-Content-Length"])
+        meta = json.loads(r.content[:n])
+        assert [o["name"] for o in meta["outputs"]] == ["length"]
+        assert np.frombuffer(r.content[n:], dtype="<i8").tolist() == [5, 3]
+
+        r = requests.post(s.url + "/text", json={"text": "four"}, timeout=10)
+        assert r.status_code == 200 and r.json()["outputs"]["length"] == 4
+        r = requests.post(s.url + "/text", json=["a", "bb"], timeout=10)
+        assert r.json()["outputs"]["length"] == [1, 2]
+
+
+def test_metadata_health_and_unknown_model() -> None:
+    with fake_server() as s:
+        assert requests.get(s.url + "/v2/health/live", timeout=10).status_code == 200
+        ready = requests.get(s.url + "/v2/health/ready", timeout=10)
+        assert ready.status_code == 200 and ready.json()["replicas_ready"] == 2
+        meta = requests.get(s.url + "/v2/models/fake", timeout=10).json()
+        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        assert {o["name"] for o in meta["outputs"]} == {"length", "pair"}
+        assert requests.get(s.url + "/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+        missing = requests.post(s.url + "/v2/models/other/infer", json=body(["a"]), timeout=10)
+        assert missing.status_code == 404 and "this server serves 'fake'" in missing.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "names"),
+    [
+        (b"{not json", 400, "JSON"),
+        (json.dumps({"inputs": [{"name": "txt", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}).encode(), 400,
+         "txt"),
+        (json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(), 400,
+         "datatype"),
+        (json.dumps({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}).encode(), 400,
+         "shape"),
+        (json.dumps({"inputs": []}).encode(), 400, "inputs"),
+        (json.dumps({"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]}).encode(), 400,
+         "no rows"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(payload: bytes, status: int, names: str) -> None:
+    with fake_server() as s:
+        r = requests.post(s.url + INFER, data=payload, timeout=10)
+        assert r.status_code == status and names in r.json()["error"], r.text
+        assert s.backend.batches == []  # nothing reached a replica
+
+
+def test_a_body_over_the_limit_gets_413() -> None:
+    with fake_server(max_body_bytes=1000) as s:
+        r = requests.post(s.url + INFER, json=body(["x" * 2000]), timeout=10)
+        assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]
+
+
+def test_concurrent_requests_are_batched_and_answered_each_with_its_own_rows() -> None:
+    backend = FakeBackend(batch_s=0.05)
+    with fake_server(backend, max_batch_size=8) as s:
+        texts = ["x" * i for i in range(1, 41)]
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda t: requests.post(s.url + INFER, json=body([t]), timeout=10), texts))
+        assert all(a.status_code == 200 for a in answers)
+        got = [next(o for o in a.json()["outputs"] if o["name"] == "length")["data"][0] for a in answers]
+        assert got == [len(t) for t in texts]
+        sizes = [len(b) for _, b in backend.batches]
+        assert max(sizes) > 1 and max(sizes) <= 8 and sum(sizes) == 40
+        assert {w for w, _ in backend.batches} == {0, 1}  # both replicas worked
+        assert s.metric("distinfer_batch_size_sum") / s.metric("distinfer_batch_size_count") > 1
+
+
+def test_a_full_queue_sheds_with_429_and_retry_after() -> None:
+    backend = FakeBackend(batch_s=0.5)
+    with fake_server(backend, replicas=1, max_batch_size=1, max_queue=2, timeout_ms=5000) as s:
+        with ThreadPoolExecutor(6) as pool:
+            started = time.monotonic()
+            futures = [pool.submit(requests.post, s.url + INFER, json=body([f"r{i}"]), timeout=10) for i in range(6)]
+            shed = [f.result() for f in futures if f.result().status_code == 429]
+        assert shed and all(int(r.headers["Retry-After"]) >= 1 for r in shed)
+        assert "queue is full" in shed[0].json()["error"]
+        assert time.monotonic() - started < 5
+        assert s.metric('distinfer_shed_requests_total{model="fake",reason="queue_full"}') == len(shed)
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once() -> None:
+    backend = FakeBackend(batch_s=0.3)
+    with fake_server(backend, replicas=1, max_batch_size=1, timeout_ms=5000) as s:
+        for i in range(2):  # teach the server how long a batch takes
+            assert requests.post(s.url + INFER, json=body([f"w{i}"]), timeout=10).status_code == 200
+        with ThreadPoolExecutor(4) as pool:
+            slow = [pool.submit(requests.post, s.url + INFER, json=body([f"q{i}"]), timeout=10) for i in range(3)]
+            time.sleep(0.05)
+            t = time.monotonic()
+            tight = requests.post(s.url + INFER, json=body(["late"], parameters={"timeout": 200_000}), timeout=10)
+            answered_in = time.monotonic() - t
+            assert all(f.result().status_code == 200 for f in slow)
+        assert tight.status_code == 429 and "deadline" in tight.json()["error"] and answered_in < 0.15
+        assert "late" not in backend.texts_seen()
+
+
+def test_a_deadline_passing_in_the_queue_gets_504_and_the_rows_are_never_computed() -> None:
+    with fake_server(replicas=1, max_queue_delay_ms=2000, timeout_ms=300) as s:
+        t = time.monotonic()
+        r = requests.post(s.url + INFER, json=body(["lonely"]), timeout=10)
+        assert r.status_code == 504 and "not computed" in r.json()["error"]
+        assert 0.25 < time.monotonic() - t < 1.5
+        time.sleep(2.2)  # past the queue delay: still never sent
+        assert "lonely" not in s.backend.texts_seen()
+
+
+def test_a_client_that_goes_away_is_dropped_from_the_queue() -> None:
+    with fake_server(replicas=1, max_queue_delay_ms=1500, timeout_ms=5000) as s:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(s.url + INFER, json=body(["impatient"]), timeout=0.3)
+        time.sleep(1.6)
+        assert "impatient" not in s.backend.texts_seen()
+        assert s.metric('distinfer_shed_requests_total{model="fake",reason="disconnected"}') == 1
+
+
+def test_a_lost_replica_is_replaced_and_its_requests_retried_once_elsewhere() -> None:
+    backend = FakeBackend(batch_s=0.3)
+    with fake_server(backend, max_batch_size=4) as s:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(requests.post, s.url + INFER, json=body([f"k{i}"]), timeout=10) for i in range(8)]
+            time.sleep(0.1)
+            backend.kill(0)
+            answers = [f.result() for f in futures]
+        assert [a.status_code for a in answers] == [200] * 8
+        assert backend.started == [0, 1, 2]  # the replacement
+        ready = requests.get(s.url + "/v2/health/ready", timeout=10).json()
+        assert ready["replicas_ready"] == 2
+
+
+def test_a_bad_row_fails_only_its_own_request() -> None:
+    backend = FakeBackend(batch_s=0.1)
+    with fake_server(backend, replicas=1, max_queue_delay_ms=50) as s:
+        with ThreadPoolExecutor(3) as pool:
+            good = pool.submit(requests.post, s.url + INFER, json=body(["fine"]), timeout=10)
+            bad = pool.submit(requests.post, s.url + INFER, json=body(["boom"]), timeout=10)
+            other = pool.submit(requests.post, s.url + INFER, json=body(["also fine"]), timeout=10)
+        assert good.result().status_code == 200 and other.result().status_code == 200
+        assert bad.result().status_code == 400 and "boom" in bad.result().json()["error"]
+
+
+def test_draining_turns_readiness_off_and_refuses_new_requests() -> None:
+    backend = FakeBackend(batch_s=0.4)
+    with fake_server(backend, replicas=1) as s, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(requests.post, s.url + INFER, json=body(["in flight"]), timeout=10)
+        time.sleep(0.1)
+        drained = pool.submit(s.call, lambda: s.server.drain(5.0))
+        time.sleep(0.05)
+        assert requests.get(s.url + "/v2/health/ready", timeout=10).status_code == 503
+        late = requests.post(s.url + INFER, json=body(["too late"]), timeout=10)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
+        drained.result()
+        assert running.result().status_code == 200
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_requests = st.one_of(
+    st.binary(max_size=200),
+    _json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries({
+        "name": st.sampled_from(["text", "x"]), "shape": st.lists(st.integers(-2, 3), max_size=3),
+        "datatype": st.sampled_from(["BYTES", "FP32", "INT64", "nope"]), "data": _json_values,
+    }), max_size=2)}).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Running]:
+    with fake_server() as s:
+        yield s
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=_requests, header=st.one_of(st.none(), st.integers(-5, 300).map(str), st.text("0123456789ab -+.", max_size=5)),
+       route=st.sampled_from([INFER, "/text"]))
+def test_generated_requests_never_break_the_server(
+    shared: Running, payload: bytes, header: str | None, route: str
+) -> None:
+    server = shared
+    headers = {"Inference-Header-Content-Length": header} if header is not None else {}
+    try:
+        r = requests.post(server.url + route, data=payload, headers=headers, timeout=10)
+    except requests.exceptions.InvalidHeader:
+        return  # a header value the client library itself refuses to send
+    assert r.status_code in (200, 400), (r.status_code, r.text)
+    assert "error" in r.json() if r.status_code == 400 else True
+    ok = requests.post(server.url + INFER, json=body(["still up"]), timeout=10)
+    assert ok.status_code == 200
