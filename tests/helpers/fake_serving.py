@@ -113,8 +113,9 @@ class Running:
 
 
 @contextmanager
-def fake_server(backend: FakeBackend | None = None, **options: Any) -> Iterator[Running]:
-    """A real aiohttp server on 127.0.0.1 (a free port) over a FakeBackend."""
+def fake_server(backend: Backend | None = None, ready_timeout: float = 10.0, **options: Any) -> Iterator[Running]:
+    """A real aiohttp server on 127.0.0.1 (a free port) over a FakeBackend (or the backend
+    given); the model is called "fake" in URLs."""
     from aiohttp import web
 
     from distinfer.serving.app import make_app
@@ -140,8 +141,8 @@ def fake_server(backend: FakeBackend | None = None, **options: Any) -> Iterator[
         return server, runner, f"http://{host}:{port}"
 
     server, runner, url = asyncio.run_coroutine_threadsafe(setup(), loop).result(timeout=30)
-    running = Running(url, backend, server, loop)
-    deadline = time.monotonic() + 10
+    running = Running(url, backend, server, loop)  # type: ignore[arg-type]
+    deadline = time.monotonic() + ready_timeout
     while not running.call(server.is_ready) and time.monotonic() < deadline:
         time.sleep(0.01)
     try:

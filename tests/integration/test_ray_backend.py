@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,28 @@ def test_pipeline_stages_on_two_ray_nodes_equal_local(cluster: Cluster, small_co
                   block_size=128)
     on_ray, local = table(tmp_path / "ray"), table(tmp_path / "local")
     torch.testing.assert_close(torch.tensor(on_ray["hidden"]), torch.tensor(local["hidden"]))
+
+
+def test_serving_on_ray_replicas_answers_like_the_batch_engine(cluster: Cluster, corpus_lines: list[str]) -> None:
+    import requests
+    import torch
+    from fake_serving import fake_server
+
+    from distinfer.backends.ray import RayBackend, RayOptions
+    from distinfer.models.base import StageTimer, run_block
+    from distinfer.models.minilm import MiniLMRunner
+    from distinfer.serving.config import ServeConfig
+    from distinfer.serving.main import worker_spec
+
+    config = ServeConfig(model="minilm", replicas=2, backend="ray", max_batch_size=8)
+    backend = RayBackend(worker_spec(config), RayOptions())
+    texts = corpus_lines[:16]
+    with fake_server(backend, ready_timeout=180, replicas=2, max_batch_size=8) as s:
+        assert requests.get(s.url + "/v2/health/ready", timeout=10).json()["replicas_ready"] == 2
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: requests.post(s.url + "/text", json=texts[i : i + 4], timeout=60),
+                                    range(0, 16, 4)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        got = torch.tensor([row for a in answers for row in a.json()["outputs"]["embedding"]])
+    want = run_block(MiniLMRunner(), {"text": texts}, 8, StageTimer())["embedding"]
+    torch.testing.assert_close(got, torch.from_numpy(want))

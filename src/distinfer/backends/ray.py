@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -98,7 +99,8 @@ class ReplicaActor:
         members = tuple(getattr(self.replica.runner, "hosts", ()))
         if members:  # stage 0 / rank 0 is this actor
             members = (f"{socket.gethostname()} pid {os.getpid()} node {node}", *members[1:])
-        return WorkerReady(self.worker, os.getpid(), here, self.replica.load_s, members)
+        ready: WorkerReady = self.replica.ready_message()
+        return replace(ready, host=here, members=members)
 
     def cancel(self, block_id: int) -> None:
         self.cancelled.add(block_id)
@@ -147,6 +149,8 @@ class RayBackend(Backend):
         self._actors: dict[int, Any] = {}
         self._refs: dict[Any, tuple[int, str]] = {}  # in-flight call -> (worker, what)
         self._ready: set[int] = set()
+        # Serving sends from its event loop while a receiver thread waits in `receive`.
+        self._lock = threading.Lock()
 
     def start(self, worker: int) -> None:
         actor = self._actor_class.remote(worker, self.spec)
@@ -158,23 +162,32 @@ class RayBackend(Backend):
         if actor is None:
             return
         if isinstance(message, InferBatch):
-            self._refs[actor.infer.remote(message)] = (worker, "infer")
+            ref = actor.infer.remote(message)
+            with self._lock:
+                self._refs[ref] = (worker, "infer")
         elif isinstance(message, AssignBlock):
-            self._refs[actor.run.remote(message.block)] = (worker, "run")
+            ref = actor.run.remote(message.block)
+            with self._lock:
+                self._refs[ref] = (worker, "run")
         else:
             actor.cancel.remote(message.block_id)
 
     def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
-        if not self._refs:
+        with self._lock:
+            refs = list(self._refs)
+        if not refs:
             time.sleep(timeout)
             return []
-        done, _ = self.ray.wait(list(self._refs), num_returns=1, timeout=timeout)
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if not done:
             return []
-        done, _ = self.ray.wait(list(self._refs), num_returns=len(self._refs), timeout=0)
+        with self._lock:
+            refs = list(self._refs)
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         out: list[WorkerMessage | WorkerGone] = []
         for ref in done:
-            entry = self._refs.pop(ref, None)
+            with self._lock:
+                entry = self._refs.pop(ref, None)
             if entry is None:
                 continue
             worker, _what = entry
@@ -195,8 +208,9 @@ class RayBackend(Backend):
     def _forget(self, worker: int) -> None:
         self._actors.pop(worker, None)
         self._ready.discard(worker)
-        for ref in [r for r, (w, _) in self._refs.items() if w == worker]:
-            del self._refs[ref]
+        with self._lock:
+            for ref in [r for r, (w, _) in self._refs.items() if w == worker]:
+                del self._refs[ref]
 
     def stop(self, worker: int) -> None:
         actor = self._actors.get(worker)

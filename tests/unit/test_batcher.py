@@ -1,0 +1,102 @@
+"""The batcher's queue rules with an injected clock: admission, batch formation, dropping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from distinfer.serving.batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, signature
+
+
+@pytest.fixture()
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def request(loop: asyncio.AbstractEventLoop, rows: int = 1, arrived: float = 0.0, deadline: float = 10.0,
+            inputs: dict[str, object] | None = None) -> Pending:
+    data = inputs or {"text": ["x"] * rows}
+    return Pending(data, rows, arrived, deadline, loop.create_future(), signature(data))  # type: ignore[arg-type]
+
+
+def test_a_full_queue_refuses_with_retry_after(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=4, max_queue=3)
+    q.admit(request(loop, 2), 0.0, None, None)
+    q.admit(request(loop, 1), 0.0, None, None)
+    with pytest.raises(Shed) as shed:
+        q.admit(request(loop, 1), 0.0, rows_per_s=1.5, batch_s=0.1)
+    assert shed.value.status == 429 and shed.value.reason == "queue_full" and shed.value.retry_after == 2
+    assert q.rows == 3
+
+
+def test_a_request_predicted_to_miss_its_deadline_is_refused(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=4, max_queue=100)
+    for _ in range(10):
+        q.admit(request(loop, deadline=100.0), 0.0, rows_per_s=10.0, batch_s=0.2)
+    # 11 rows at 10 rows/s + one batch = 1.3 s, more than the 1 s left
+    with pytest.raises(Shed) as shed:
+        q.admit(request(loop, deadline=1.0), 0.0, rows_per_s=10.0, batch_s=0.2)
+    assert shed.value.reason == "deadline" and "1300 ms" in shed.value.message
+    q.admit(request(loop, deadline=1.5), 0.0, rows_per_s=10.0, batch_s=0.2)  # 1.3 s fits 1.5 s
+    assert q.rows == 11
+
+
+def test_take_merges_compatible_requests_up_to_the_batch_size(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=4, max_queue=100)
+    a, b, c = request(loop, 2), request(loop, 3), request(loop, 1)
+    wide = request(loop, 1, inputs={"x": np.zeros((1, 8), np.float32)})
+    narrow = request(loop, 1, inputs={"x": np.zeros((1, 4), np.float32)})
+    for p in (a, wide, b, narrow, c):
+        q.push(p)
+    assert q.ready_rows() == 6
+    assert q.take(1.0) == [a, c]  # b does not fit beside a; other inputs never join a text batch
+    assert a.state == "running" and a.dispatched == 1.0 and q.rows == 5
+    assert q.take(1.0) == [wide]  # different row shapes cannot share a call
+    assert q.take(1.0) == [b]
+    assert q.take(1.0) == [narrow]
+    assert q.take(1.0) == [] and q.rows == 0
+
+
+def test_dropped_requests_leave_the_queue_and_retries_go_first(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=8, max_queue=100)
+    a, b, c = request(loop), request(loop), request(loop)
+    for p in (a, b, c):
+        q.push(p)
+    assert q.drop(b) and not q.drop(b)
+    assert q.rows == 2 and len(q) == 2
+    first = q.take(0.0)
+    assert first == [a, c]
+    retry = request(loop)
+    q.push(retry)
+    q.push_front(first)
+    assert q.oldest() is a and q.take(0.0) == [a, c, retry]
+
+
+def test_a_solo_request_runs_alone(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=8, max_queue=100)
+    a, b = request(loop), request(loop)
+    a.solo = True
+    q.push_front([a])
+    q.push(b)
+    assert q.ready_rows() == 1
+    assert q.take(0.0) == [a] and q.take(0.0) == [b]
+
+
+def test_merge_inputs_keeps_request_order(loop: asyncio.AbstractEventLoop) -> None:
+    texts = merge_inputs([request(loop, inputs={"text": ["a", "b"]}), request(loop, inputs={"text": ["c"]})])
+    assert texts == {"text": ["a", "b", "c"]}
+    arrays = merge_inputs([request(loop, inputs={"x": np.ones((1, 2))}), request(loop, inputs={"x": np.zeros((2, 2))})])
+    assert np.asarray(arrays["x"]).tolist() == [[1, 1], [0, 0], [0, 0]]
+
+
+def test_rate_estimate_follows_recent_batches() -> None:
+    rate = RateEstimate(weight=0.5)
+    rate.add(10, 1.0)
+    assert rate.rows_per_s == 10 and rate.batch_s == 1.0
+    rate.add(20, 1.0)
+    assert rate.rows_per_s == 15 and rate.batch_s == 1.0
