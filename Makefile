@@ -38,7 +38,7 @@ demo: $(VENV)/.installed
 		print(f'{t.num_rows} embeddings of width', t.schema.field('embedding').type.list_size, 'in $(DEMO_OUT)/')"
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check --no-cache src tests benchmarks
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
@@ -51,6 +51,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/scheduler_events.py
 	$(BIN)/python benchmarks/ray_vs_raydata.py
 	$(BIN)/python benchmarks/parallel_strategies.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -206,3 +206,25 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, corpus_lines: list[str]) -> 
         assert "draining" in s.stderr() and "drained" in s.stderr()
     finally:
         stop(s)
+
+
+def serve_error(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "distinfer.cli", "serve", *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    return result
+
+
+def test_bad_options_get_one_line_errors() -> None:
+    unknown = serve_error("--model", "nope", "--port", "0")
+    assert unknown.stderr.strip().startswith("distinfer: error: unknown model 'nope'")
+    batch = serve_error("--model", "minilm", "--max-batch-size", "0")
+    assert batch.returncode == 2 and "--max-batch-size must be a whole number >= 1" in batch.stderr
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = serve_error("--model", "minilm", "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "pick another --port" in busy.stderr

@@ -26,10 +26,10 @@ def request(loop: asyncio.AbstractEventLoop, rows: int = 1, arrived: float = 0.0
 
 def test_a_full_queue_refuses_with_retry_after(loop: asyncio.AbstractEventLoop) -> None:
     q = RequestQueue(max_batch=4, max_queue=3)
-    q.admit(request(loop, 2), 0.0, None, None)
-    q.admit(request(loop, 1), 0.0, None, None)
+    q.admit(request(loop, 2), 0.0)
+    q.admit(request(loop, 1), 0.0)
     with pytest.raises(Shed) as shed:
-        q.admit(request(loop, 1), 0.0, rows_per_s=1.5, batch_s=0.1)
+        q.admit(request(loop, 1), 0.0, free_at=[0.0], rows_per_s=1.5)
     assert shed.value.status == 429 and shed.value.reason == "queue_full" and shed.value.retry_after == 2
     assert q.rows == 3
 
@@ -37,12 +37,13 @@ def test_a_full_queue_refuses_with_retry_after(loop: asyncio.AbstractEventLoop) 
 def test_a_request_predicted_to_miss_its_deadline_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     q = RequestQueue(max_batch=4, max_queue=100)
     for _ in range(10):
-        q.admit(request(loop, deadline=100.0), 0.0, rows_per_s=10.0, batch_s=0.2)
-    # 11 rows at 10 rows/s + one batch = 1.3 s, more than the 1 s left
+        q.admit(request(loop, deadline=100.0), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
+    # 10 rows ahead on two replicas at 10 rows/s: batches of 4 and 4 now, then 2 + ours at
+    # 0.4 s, done at 0.7 s; with the 20 % margin a deadline of 0.85 s is too tight
     with pytest.raises(Shed) as shed:
-        q.admit(request(loop, deadline=1.0), 0.0, rows_per_s=10.0, batch_s=0.2)
-    assert shed.value.reason == "deadline" and "1300 ms" in shed.value.message
-    q.admit(request(loop, deadline=1.5), 0.0, rows_per_s=10.0, batch_s=0.2)  # 1.3 s fits 1.5 s
+        q.admit(request(loop, deadline=0.85), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
+    assert shed.value.reason == "deadline" and "700 ms" in shed.value.message
+    q.admit(request(loop, deadline=0.9), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
     assert q.rows == 11
 
 
@@ -100,3 +101,38 @@ def test_rate_estimate_follows_recent_batches() -> None:
     assert rate.rows_per_s == 10 and rate.batch_s == 1.0
     rate.add(20, 1.0)
     assert rate.rows_per_s == 15 and rate.batch_s == 1.0
+
+
+def test_predict_finish_hands_full_batches_to_replicas_as_they_free() -> None:
+    from distinfer.serving.batcher import predict_finish
+
+    # two idle replicas at 10 rows/s, batches of 4: alone, 1 row takes 0.1 s
+    assert predict_finish(0.0, [0.0, 0.0], 0, 1, 4, 10.0) == pytest.approx(0.1)
+    # 8 rows ahead: two full batches start now on both replicas; ours starts at 0.4
+    assert predict_finish(0.0, [0.0, 0.0], 8, 1, 4, 10.0) == pytest.approx(0.5)
+    # one replica busy until 1.0: the first batch goes to the other, ours follows it there
+    assert predict_finish(0.0, [1.0, 0.0], 4, 2, 4, 10.0) == pytest.approx(0.6)
+    # a request larger than a batch goes alone
+    assert predict_finish(0.0, [0.0], 0, 9, 4, 10.0) == pytest.approx(0.9)
+    # free times in the past mean now
+    assert predict_finish(5.0, [1.0], 0, 1, 4, 10.0) == pytest.approx(5.1)
+
+
+def test_a_crowded_queue_batches_rows_of_similar_length(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=3, max_queue=100)
+    texts = ["a" * 50, "b" * 5, "c" * 48, "d" * 6, "e" * 52, "f" * 4, "g" * 500]
+    pendings = [request(loop, inputs={"text": [t]}) for t in texts]
+    for p in pendings:
+        p.size = len(p.inputs["text"][0])
+        q.push(p)
+    # the oldest (50 chars) goes with the two nearest it among the next 6 rows: 48 and 52
+    assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["a", "c", "e"]
+    assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["b", "d", "f"]
+    assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["g"]
+
+
+def test_row_size_is_characters_per_text_row() -> None:
+    from distinfer.serving.batcher import row_size
+
+    assert row_size({"text": ["ab", "abcd"]}) == 3.0
+    assert row_size({"x": np.zeros((2, 3))}) == 0.0

@@ -3,7 +3,9 @@
 Everything here runs on the server's event loop; the replicas' answers arrive through
 `ReplicaPool`. A replica runs one batch at a time, so while all are busy requests gather
 in the queue and the next free replica takes as many as fit (dynamic batching); when a
-replica is idle the oldest request waits at most `max_queue_delay_ms` for company.
+replica is idle the oldest request waits at most `max_queue_delay_ms` for company. When a
+full batch is waiting and no replica is idle, it goes to the pipe of the replica that will
+free first, so replicas never idle between batches under load.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..backends.base import Backend, WorkerGone
 from ..errors import ErrorInfo
 from ..models.base import Column, TensorInfo
 from ..runtime import messages as msg
-from .batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, signature
+from .batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, row_size, signature
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .pool import Items, ReplicaPool
@@ -62,7 +64,7 @@ class InferenceServer:
         self.failed: str | None = None  # why the server cannot serve at all
         self.stopped = asyncio.Event()  # set on failure: the process should exit
         self._settled: set[int] = set()
-        self._batches: dict[int, tuple[int, list[Pending]]] = {}
+        self._batches: dict[int, tuple[int, list[Pending], float]] = {}  # id -> worker, requests, sent at
         self._next_batch = 0
         self._next_worker = config.replicas
         self.restarts = 0
@@ -94,7 +96,7 @@ class InferenceServer:
         while (p := self.queue.oldest()) is not None:
             self.queue.drop(p)
             self._answer(p, gone)
-        for _, batch in self._batches.values():
+        for _, batch, _ in self._batches.values():
             for p in batch:
                 if p.state == "running":
                     self._answer(p, gone)
@@ -112,9 +114,10 @@ class InferenceServer:
             raise self.not_ready()
         now = self.loop.time()
         timeout = timeout_s if timeout_s is not None else self.config.timeout_ms / 1e3
-        pending = Pending(inputs, rows, now, now + timeout, self.loop.create_future(), signature(inputs))
-        rate, batch_s = self._capacity()
-        self.queue.admit(pending, now, rate, batch_s)
+        pending = Pending(inputs, rows, now, now + timeout, self.loop.create_future(), signature(inputs),
+                          row_size(inputs))
+        free_at, rate = self._capacity()
+        self.queue.admit(pending, now, free_at, rate)
         pending.timer = self.loop.call_at(pending.deadline, self._expire, pending)
         self.metrics.queue_depth.set(self.queue.rows)
         self._wake.set()
@@ -138,13 +141,23 @@ class InferenceServer:
             return Shed(503, "draining", "the server is shutting down; retry on another one", 1)
         return Shed(503, "not_ready", "the server is not ready (replicas warming up or lost); retry later", 1)
 
-    def _capacity(self) -> tuple[float | None, float | None]:
-        """Rows per second of all ready replicas together, and one batch's time."""
-        ready = [r for r in self.replicas.values() if r.ready and r.rate.rows_per_s]
-        if not ready:
-            return None, None
-        rate = sum(r.rate.rows_per_s or 0.0 for r in ready)
-        return rate, max(r.rate.batch_s or 0.0 for r in ready)
+    def _capacity(self) -> tuple[list[float], float | None]:
+        """When each ready replica can take its next batch, and one replica's rows per second
+        (the mean of their measured rates; None before any batch was measured)."""
+        ready = [r for r in self.replicas.values() if r.ready]
+        rates = [r.rate.rows_per_s for r in ready if r.rate.rows_per_s]
+        if not rates:
+            return [], None
+        rate = sum(rates) / len(rates)
+        now = self.loop.time()
+        free_at = []
+        for r in ready:
+            end = now
+            for batch_id, batch in r.batches.items():  # in the order sent; each starts when the last ends
+                sent = self._batches[batch_id][2] if batch_id in self._batches else now
+                end = max(end, sent) + sum(p.rows for p in batch) / rate
+            free_at.append(max(now, end))
+        return free_at, rate
 
     def _expire(self, pending: Pending) -> None:
         if pending.state == "queued":
@@ -184,22 +197,31 @@ class InferenceServer:
             first = self.queue.oldest()
             if first is None:
                 return None
-            free = [r for r in self.replicas.values() if r.ready and not r.batches]
+            full = self.queue.ready_rows() >= self.queue.max_batch
+            ready = [r for r in self.replicas.values() if r.ready]
+            free = [r for r in ready if not r.batches]
+            if not free and full:
+                # A full batch waits in a busy replica's pipe, so that replica starts it the
+                # moment it is done instead of idling while this loop hears and answers.
+                free = [r for r in ready if len(r.batches) == 1]
             if not free:
                 return None
             now = self.loop.time()
             age = now - first.arrived
-            full = self.queue.ready_rows() >= self.queue.max_batch
             if not full and age < self._delay_s and not self.draining:
                 return self._delay_s - age
             batch = self.queue.take(now)
-            replica = min(free, key=lambda r: r.rate.batch_s or 0.0)
+            replica = min(free, key=self._busy_until)
             self._send(replica, batch, now)
+
+    def _busy_until(self, replica: _Replica) -> float:
+        """Least loaded first: an idle replica, else the one whose batch was sent first."""
+        return min((self._batches[b][2] for b in replica.batches if b in self._batches), default=0.0)
 
     def _send(self, replica: _Replica, batch: list[Pending], now: float) -> None:
         batch_id = self._next_batch
         self._next_batch += 1
-        self._batches[batch_id] = (replica.worker, batch)
+        self._batches[batch_id] = (replica.worker, batch, now)
         replica.batches[batch_id] = batch
         for p in batch:
             p.attempts += 1
@@ -225,19 +247,20 @@ class InferenceServer:
         self.metrics.replicas_ready.set(self.ready_count())
         self._wake.set()
 
-    def _take_batch(self, worker: int, batch_id: int) -> list[Pending]:
+    def _take_batch(self, worker: int, batch_id: int) -> tuple[list[Pending], float]:
+        """The batch's requests and the seconds since it was sent."""
         entry = self._batches.pop(batch_id, None)
         replica = self.replicas.get(worker)
         if replica is not None:
             replica.batches.pop(batch_id, None)
-        return entry[1] if entry else []
+        return (entry[1], self.loop.time() - entry[2]) if entry else ([], 0.0)
 
     def _done(self, item: msg.BatchDone) -> None:
-        batch = self._take_batch(item.worker, item.batch_id)
+        batch, elapsed = self._take_batch(item.worker, item.batch_id)
         rows = sum(p.rows for p in batch)
         replica = self.replicas.get(item.worker)
-        if replica is not None:
-            replica.rate.add(rows, item.busy_s)
+        if replica is not None:  # as this server sees it: messages and contention included
+            replica.rate.add(rows, elapsed)
         self.metrics.replica_busy.inc(item.busy_s, replica=str(item.worker))
         start = 0
         for p in batch:
@@ -246,7 +269,7 @@ class InferenceServer:
             start += p.rows
 
     def _failed(self, item: msg.BatchFailed) -> None:
-        batch = [p for p in self._take_batch(item.worker, item.batch_id) if p.state == "running"]
+        batch = [p for p in self._take_batch(item.worker, item.batch_id)[0] if p.state == "running"]
         if len(batch) > 1:  # find the request at fault: each runs alone once more
             for p in batch:
                 p.solo = True
