@@ -8,7 +8,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from distinfer.serving.batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, signature
+from distinfer.serving.batcher import (
+    ROW_WORK,
+    Pending,
+    RateEstimate,
+    RequestQueue,
+    Shed,
+    merge_inputs,
+    row_size,
+    signature,
+)
 
 
 @pytest.fixture()
@@ -21,29 +30,32 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def request(loop: asyncio.AbstractEventLoop, rows: int = 1, arrived: float = 0.0, deadline: float = 10.0,
             inputs: dict[str, object] | None = None) -> Pending:
     data = inputs or {"text": ["x"] * rows}
-    return Pending(data, rows, arrived, deadline, loop.create_future(), signature(data))  # type: ignore[arg-type]
+    return Pending(data, rows, arrived, deadline, loop.create_future(), signature(data),  # type: ignore[arg-type]
+                   row_size(data))  # type: ignore[arg-type]
 
 
 def test_a_full_queue_refuses_with_retry_after(loop: asyncio.AbstractEventLoop) -> None:
     q = RequestQueue(max_batch=4, max_queue=3)
     q.admit(request(loop, 2), 0.0)
     q.admit(request(loop, 1), 0.0)
+    assert q.work == 3 * (1 + ROW_WORK)  # one character per row ("x") plus the per-row share
     with pytest.raises(Shed) as shed:
-        q.admit(request(loop, 1), 0.0, free_at=[0.0], rows_per_s=1.5)
+        q.admit(request(loop, 1), 0.0, free_at=[0.0], work_per_s=q.work / 1.5)
     assert shed.value.status == 429 and shed.value.reason == "queue_full" and shed.value.retry_after == 2
     assert q.rows == 3
 
 
 def test_a_request_predicted_to_miss_its_deadline_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     q = RequestQueue(max_batch=4, max_queue=100)
+    per_row = 1 + ROW_WORK
     for _ in range(10):
-        q.admit(request(loop, deadline=100.0), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
+        q.admit(request(loop, deadline=100.0), 0.0, free_at=[0.0, 0.0], work_per_s=10 * per_row)
     # 10 rows ahead on two replicas at 10 rows/s: batches of 4 and 4 now, then 2 + ours at
     # 0.4 s, done at 0.7 s; with the 20 % margin a deadline of 0.85 s is too tight
     with pytest.raises(Shed) as shed:
-        q.admit(request(loop, deadline=0.85), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
+        q.admit(request(loop, deadline=0.85), 0.0, free_at=[0.0, 0.0], work_per_s=10 * per_row)
     assert shed.value.reason == "deadline" and "700 ms" in shed.value.message
-    q.admit(request(loop, deadline=0.9), 0.0, free_at=[0.0, 0.0], rows_per_s=10.0)
+    q.admit(request(loop, deadline=0.9), 0.0, free_at=[0.0, 0.0], work_per_s=10 * per_row)
     assert q.rows == 11
 
 
@@ -98,24 +110,28 @@ def test_merge_inputs_keeps_request_order(loop: asyncio.AbstractEventLoop) -> No
 def test_rate_estimate_follows_recent_batches() -> None:
     rate = RateEstimate(weight=0.5)
     rate.add(10, 1.0)
-    assert rate.rows_per_s == 10 and rate.batch_s == 1.0
+    assert rate.per_s == 10
     rate.add(20, 1.0)
-    assert rate.rows_per_s == 15 and rate.batch_s == 1.0
+    assert rate.per_s == 15
+    rate.add(5, 0.0)  # nothing measured
+    assert rate.per_s == 15
 
 
 def test_predict_finish_hands_full_batches_to_replicas_as_they_free() -> None:
     from distinfer.serving.batcher import predict_finish
 
-    # two idle replicas at 10 rows/s, batches of 4: alone, 1 row takes 0.1 s
-    assert predict_finish(0.0, [0.0, 0.0], 0, 1, 4, 10.0) == pytest.approx(0.1)
+    # two idle replicas doing 10 units/s, batches of 4 rows, a unit per row: alone, 1 row takes 0.1 s
+    assert predict_finish(0.0, [0.0, 0.0], 0, 0.0, 1, 1.0, 4, 10.0) == pytest.approx(0.1)
     # 8 rows ahead: two full batches start now on both replicas; ours starts at 0.4
-    assert predict_finish(0.0, [0.0, 0.0], 8, 1, 4, 10.0) == pytest.approx(0.5)
+    assert predict_finish(0.0, [0.0, 0.0], 8, 8.0, 1, 1.0, 4, 10.0) == pytest.approx(0.5)
+    # rows ahead twice as costly: ours starts at 0.8
+    assert predict_finish(0.0, [0.0, 0.0], 8, 16.0, 1, 1.0, 4, 10.0) == pytest.approx(0.9)
     # one replica busy until 1.0: the first batch goes to the other, ours follows it there
-    assert predict_finish(0.0, [1.0, 0.0], 4, 2, 4, 10.0) == pytest.approx(0.6)
+    assert predict_finish(0.0, [1.0, 0.0], 4, 4.0, 2, 2.0, 4, 10.0) == pytest.approx(0.6)
     # a request larger than a batch goes alone
-    assert predict_finish(0.0, [0.0], 0, 9, 4, 10.0) == pytest.approx(0.9)
+    assert predict_finish(0.0, [0.0], 0, 0.0, 9, 9.0, 4, 10.0) == pytest.approx(0.9)
     # free times in the past mean now
-    assert predict_finish(5.0, [1.0], 0, 1, 4, 10.0) == pytest.approx(5.1)
+    assert predict_finish(5.0, [1.0], 0, 0.0, 1, 1.0, 4, 10.0) == pytest.approx(5.1)
 
 
 def test_a_crowded_queue_batches_rows_of_similar_length(loop: asyncio.AbstractEventLoop) -> None:

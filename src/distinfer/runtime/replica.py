@@ -73,12 +73,15 @@ class Replica:
     def _warm_up(self) -> None:
         """Run a few example rows twice (first-call costs paid before any request) and
         describe the model's inputs and outputs from them."""
-        self.inputs = self.runner.input_info() or tuple(
-            TensorInfo(name, "unknown", (-1,)) for name in self.runner.input_names
-        )
+        inputs = self.runner.input_info()
         example = self.runner.example_inputs()
-        if example is None:
-            return
+        if inputs is None or example is None:
+            raise ModelError(
+                f"cannot serve '{self.spec.model.name}' this way: the server must know each input's type "
+                "and shape, which text models and ONNX files (with --strategy data) tell; "
+                "use 'distinfer run' for this model"
+            )
+        self.inputs = inputs
         for _ in range(2):
             outputs = self._infer(example)
         self.outputs = tuple(

@@ -5,7 +5,8 @@ are tested without processes or sockets:
 
 - `admit` refuses a request at once (429 with Retry-After) when the queue holds
   `max_queue` rows, or when its predicted answer time (`predict_finish`: the batches ahead
-  of it handed to replicas as they free up, at their measured rate) already passes its
+  of it handed to replicas as they free up, costed in characters at the replicas' measured
+  rate) already passes its
   deadline less a 20 % margin;
 - `take` forms a batch from the oldest request and the requests after it that can share a
   model call (same inputs and trailing shapes), up to `max_batch` rows;
@@ -28,6 +29,10 @@ from ..models.base import Column
 
 #: The share of a request's time left that admission keeps free beyond the predicted wait.
 DEADLINE_MARGIN = 0.2
+
+#: A row's cost beyond its characters (special tokens, per-row work), in characters. Costs
+#: in characters make a batch of long sentences predictably slower than one of short ones.
+ROW_WORK = 16.0
 
 __all__ = ["Pending", "RateEstimate", "RequestQueue", "Shed", "merge_inputs", "predict_finish", "row_size",
            "signature"]
@@ -55,6 +60,11 @@ class Pending:
     future: asyncio.Future[dict[str, np.ndarray]]
     key: tuple[Any, ...] = ()
     size: float = 0.0  # characters per row for text (what padding depends on), else 0
+
+    @property
+    def work(self) -> float:
+        """What the request costs a replica, in characters (plus a fixed share per row)."""
+        return self.rows * (self.size + ROW_WORK)
     attempts: int = 0  # batches it was sent in (a lost replica's requests are retried once)
     solo: bool = False  # run alone (its batch failed: find out whether it was the cause)
     state: str = "queued"  # queued, running, dropped, answered
@@ -92,22 +102,18 @@ def merge_inputs(batch: list[Pending]) -> dict[str, Column]:
 
 
 class RateEstimate:
-    """Moving averages of a replica's batch time and rows per second while busy."""
+    """A moving average of a replica's work (see `Pending.work`) per second, as measured
+    from sending a batch to its answer."""
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
-        self.batch_s: float | None = None
-        self.rows_per_s: float | None = None
+        self.per_s: float | None = None
 
-    def add(self, rows: int, seconds: float) -> None:
-        if seconds <= 0:
+    def add(self, work: float, seconds: float) -> None:
+        if seconds <= 0 or work <= 0:
             return
-        rate = rows / seconds
-        if self.batch_s is None or self.rows_per_s is None:
-            self.batch_s, self.rows_per_s = seconds, rate
-            return
-        self.batch_s += self.weight * (seconds - self.batch_s)
-        self.rows_per_s += self.weight * (rate - self.rows_per_s)
+        rate = work / seconds
+        self.per_s = rate if self.per_s is None else self.per_s + self.weight * (rate - self.per_s)
 
 
 class RequestQueue:
@@ -115,21 +121,23 @@ class RequestQueue:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.rows = 0  # rows of queued requests (dropped ones no longer count)
+        self.work = 0.0  # their work
         self._items: deque[Pending] = deque()
 
     def __len__(self) -> int:
         return sum(1 for p in self._items if p.state == "queued")
 
     def admit(self, pending: Pending, now: float, free_at: list[float] | None = None,
-              rows_per_s: float | None = None) -> None:
+              work_per_s: float | None = None) -> None:
         """Queue `pending`, or raise Shed(429) when it cannot be answered in time. `free_at`:
-        when each ready replica can take a batch; `rows_per_s`: one replica's measured rate."""
+        when each ready replica can take a batch; `work_per_s`: one replica's measured rate."""
         if self.rows + pending.rows > self.max_queue:
-            wait = self.rows / (rows_per_s * len(free_at)) if rows_per_s and free_at else 1.0
+            wait = self.work / (work_per_s * len(free_at)) if work_per_s and free_at else 1.0
             raise Shed(429, "queue_full", f"the queue is full ({self.rows} rows waiting); retry later",
                        _retry_after(wait))
-        if free_at and rows_per_s:
-            finish = predict_finish(now, free_at, self.rows, pending.rows, self.max_batch, rows_per_s)
+        if free_at and work_per_s:
+            finish = predict_finish(now, free_at, self.rows, self.work, pending.rows, pending.work,
+                                    self.max_batch, work_per_s)
             # room for the answer's way back and for estimates that lag a rising load
             margin = max(0.005, DEADLINE_MARGIN * (pending.deadline - now))
             if finish > pending.deadline - margin:
@@ -145,12 +153,14 @@ class RequestQueue:
         pending.state = "queued"
         self._items.append(pending)
         self.rows += pending.rows
+        self.work += pending.work
 
     def push_front(self, pendings: list[Pending]) -> None:
         for p in reversed(pendings):
             p.state = "queued"
             self._items.appendleft(p)
             self.rows += p.rows
+            self.work += p.work
 
     def drop(self, pending: Pending) -> bool:
         """Take a queued request out (expired, or its client left); False if not queued."""
@@ -158,6 +168,7 @@ class RequestQueue:
             return False
         pending.state = "dropped"
         self.rows -= pending.rows
+        self.work -= pending.work
         return True
 
     def oldest(self) -> Pending | None:
@@ -197,6 +208,9 @@ class RequestQueue:
             p.state = "running"
             p.dispatched = now
             self.rows -= p.rows
+            self.work -= p.work
+        if not self.rows:
+            self.work = 0.0  # no float drift once empty
         return batch
 
     def ready_rows(self) -> int:
@@ -209,20 +223,20 @@ class RequestQueue:
         return sum(p.rows for p in self._items if p.state == "queued" and p.key == first.key and not p.solo)
 
 
-def predict_finish(now: float, free_at: list[float], rows_ahead: int, rows: int, max_batch: int,
-                   rows_per_s: float) -> float:
-    """When a request of `rows` behind `rows_ahead` queued rows would be answered: full
-    batches go, in order, to whichever replica frees first (a replica takes one batch at a
-    time and a batch of n rows takes n / rows_per_s), the request's own batch last."""
+def predict_finish(now: float, free_at: list[float], ahead_rows: int, ahead_work: float, rows: int,
+                   work: float, max_batch: int, work_per_s: float) -> float:
+    """When a request (`rows`, `work`) behind `ahead_rows` queued rows would be answered:
+    full batches go, in order, to whichever replica frees first (a replica takes one batch at
+    a time, at `work_per_s`), the request's own batch last."""
     free = sorted(max(now, t) for t in free_at)
-    ahead = rows_ahead
+    per_row = ahead_work / ahead_rows if ahead_rows else 0.0
     while True:
         start = heapq.heappop(free)
-        if ahead == 0 or ahead + rows <= max_batch:
-            return start + (ahead + rows) / rows_per_s
-        batch = min(max_batch, ahead)
-        ahead -= batch
-        heapq.heappush(free, start + batch / rows_per_s)
+        if ahead_rows == 0 or ahead_rows + rows <= max_batch:
+            return start + (ahead_rows * per_row + work) / work_per_s
+        batch = min(max_batch, ahead_rows)
+        ahead_rows -= batch
+        heapq.heappush(free, start + batch * per_row / work_per_s)
 
 
 def _retry_after(seconds: float) -> int:

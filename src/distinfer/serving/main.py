@@ -9,7 +9,7 @@ import signal
 import sys
 
 from ..backends import make_backend
-from ..errors import DistinferError
+from ..errors import ConfigError, DistinferError
 from ..models.registry import parse_model
 from ..runtime.messages import WorkerSpec
 from ..runtime.strategy import plan_layout
@@ -27,6 +27,11 @@ def worker_spec(config: ServeConfig) -> WorkerSpec:
     """The replicas' spec: the batch engine's, with no input source and a warm-up."""
     run = config.run_config()
     model = parse_model(config.model)
+    if model.kind == "torch":
+        raise ConfigError(
+            f"cannot serve '{config.model}': a PyTorch model does not say what its inputs are; "
+            "export it to ONNX (torch.onnx.export) and serve the .onnx file, or use 'distinfer run'"
+        )
     stages, slot_bytes = plan_layout(run, model)
     # A pipeline replica cuts each batch into micro-batches that stream through its stages.
     rows_per_call = max(1, config.max_batch_size // (2 * len(stages))) if stages else config.max_batch_size

@@ -142,10 +142,10 @@ class InferenceServer:
         return Shed(503, "not_ready", "the server is not ready (replicas warming up or lost); retry later", 1)
 
     def _capacity(self) -> tuple[list[float], float | None]:
-        """When each ready replica can take its next batch, and one replica's rows per second
+        """When each ready replica can take its next batch, and one replica's work per second
         (the mean of their measured rates; None before any batch was measured)."""
         ready = [r for r in self.replicas.values() if r.ready]
-        rates = [r.rate.rows_per_s for r in ready if r.rate.rows_per_s]
+        rates = [r.rate.per_s for r in ready if r.rate.per_s]
         if not rates:
             return [], None
         rate = sum(rates) / len(rates)
@@ -155,7 +155,7 @@ class InferenceServer:
             end = now
             for batch_id, batch in r.batches.items():  # in the order sent; each starts when the last ends
                 sent = self._batches[batch_id][2] if batch_id in self._batches else now
-                end = max(end, sent) + sum(p.rows for p in batch) / rate
+                end = max(end, sent) + sum(p.work for p in batch) / rate
             free_at.append(max(now, end))
         return free_at, rate
 
@@ -257,10 +257,9 @@ class InferenceServer:
 
     def _done(self, item: msg.BatchDone) -> None:
         batch, elapsed = self._take_batch(item.worker, item.batch_id)
-        rows = sum(p.rows for p in batch)
         replica = self.replicas.get(item.worker)
         if replica is not None:  # as this server sees it: messages and contention included
-            replica.rate.add(rows, elapsed)
+            replica.rate.add(sum(p.work for p in batch), elapsed)
         self.metrics.replica_busy.inc(item.busy_s, replica=str(item.worker))
         start = 0
         for p in batch:
