@@ -44,6 +44,7 @@ class _Replica:
     batches: dict[int, list[Pending]] = field(default_factory=dict)
     rate: RateEstimate = field(default_factory=RateEstimate)
     pid: int = 0
+    last_done: float = 0.0  # when its last answer arrived
 
 
 class InferenceServer:
@@ -248,12 +249,19 @@ class InferenceServer:
         self._wake.set()
 
     def _take_batch(self, worker: int, batch_id: int) -> tuple[list[Pending], float]:
-        """The batch's requests and the seconds since it was sent."""
+        """The batch's requests and the seconds the replica spent on it: from its sending,
+        or from the answer to the batch before it when it waited in the replica's pipe."""
         entry = self._batches.pop(batch_id, None)
         replica = self.replicas.get(worker)
+        now = self.loop.time()
+        if entry is None:
+            return [], 0.0
+        started = entry[2]
         if replica is not None:
             replica.batches.pop(batch_id, None)
-        return (entry[1], self.loop.time() - entry[2]) if entry else ([], 0.0)
+            started = max(started, replica.last_done)
+            replica.last_done = now
+        return entry[1], now - started
 
     def _done(self, item: msg.BatchDone) -> None:
         batch, elapsed = self._take_batch(item.worker, item.batch_id)
