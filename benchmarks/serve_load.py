@@ -242,19 +242,19 @@ class Pool:
         self.peak_busy = max(self.peak_busy, self.busy)
         try:
             for attempt in range(2):
-                reused = bool(self._idle)
-                conn = self._idle.pop() if reused else await self._open()
+                conn = self._idle.pop() if self._idle else await self._open()
                 try:
                     status, body, keep = await conn.roundtrip(request)
                 except asyncio.IncompleteReadError as exc:
                     conn.close()
-                    # a kept-alive connection the server closed while idle: retry once on a new one
-                    if reused and attempt == 0 and not exc.partial:
+                    # a kept-alive connection the server closed while idle (or a connection it
+                    # dropped before answering): retry once on a new one
+                    if attempt == 0 and not exc.partial:
                         continue
                     raise ConnectionError("connection closed mid-response") from exc
                 except (ConnectionResetError, BrokenPipeError):
                     conn.close()
-                    if reused and attempt == 0:  # the same race, seen as a reset
+                    if attempt == 0:  # the same race, seen as a reset
                         continue
                     raise
                 except BaseException:  # errors and cancellation: the connection's state is unknown

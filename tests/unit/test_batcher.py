@@ -152,3 +152,13 @@ def test_row_size_is_characters_per_text_row() -> None:
 
     assert row_size({"text": ["ab", "abcd"]}) == 3.0
     assert row_size({"x": np.zeros((2, 3))}) == 0.0
+
+
+def test_a_request_near_its_deadline_goes_before_nearer_lengths(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=2, max_queue=100)
+    oldest, similar, urgent = (request(loop, inputs={"text": [t]}, deadline=d)
+                               for t, d in (("aaaa", 9.0), ("bbbb", 9.0), ("cccccccccccccccc", 1.0)))
+    for p in (oldest, similar, urgent):
+        q.push(p)
+    assert q.take(0.0, urgent_before=2.0) == [oldest, urgent]
+    assert q.take(0.0) == [similar]

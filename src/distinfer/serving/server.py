@@ -211,7 +211,11 @@ class InferenceServer:
             age = now - first.arrived
             if not full and age < self._delay_s and not self.draining:
                 return self._delay_s - age
-            batch = self.queue.take(now)
+            # a request that would miss its deadline if left for the batch after this one goes now
+            rate = self._capacity()[1]
+            row_work = self.queue.work / max(self.queue.rows, 1)
+            full_batch_s = self.queue.max_batch * row_work / rate if rate else 0.0
+            batch = self.queue.take(now, urgent_before=now + 2 * full_batch_s)
             replica = min(free, key=self._busy_until)
             self._send(replica, batch, now)
 
