@@ -416,8 +416,9 @@ async def run_phase(server: Server, pool: Pool, phase: Phase, requests: list[byt
         except asyncio.CancelledError:
             outcome[i] = CLIENT_TIMEOUT
             raise
-        except Exception:  # refused, reset, closed mid-response, unparsable
+        except Exception as exc:  # refused, reset, closed mid-response, unparsable
             outcome[i] = CONN_ERROR
+            print(f"[{server.spec.name}] connection error: {type(exc).__name__}: {exc}", flush=True)
         latency[i] = clock() - due
         if i >= first_measured and (outcome[i] != 200 or latency[i] > SLO_S):
             if outcome[i] != 200:
