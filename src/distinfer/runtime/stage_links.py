@@ -20,6 +20,7 @@ import os
 import queue
 import resource
 import signal
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -57,8 +58,18 @@ class MemberFigures:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory in bytes. On Linux VmHWM, which counts from the
+    program's start: `ru_maxrss` of a spawned process starts at its parent's size at the
+    fork (a worker spawned by a 1 GiB driver would report 1 GiB before loading anything)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024  # macOS reports bytes, Linux KiB
 
 
 def stage_device(device: str, index: int) -> str:
