@@ -7,7 +7,7 @@ are tested without processes or sockets:
   `max_queue` rows, or when its predicted answer time (`predict_finish`: the batches ahead
   of it handed to replicas as they free up, costed in characters at the replicas' measured
   rate) already passes its
-  deadline less a 20 % margin;
+  deadline less a 25 % margin;
 - `take` forms a batch from the oldest request and the requests after it that can share a
   model call (same inputs and trailing shapes), up to `max_batch` rows;
 - a request that expires or whose client left is `drop`ped: it leaves the queue and is
@@ -28,7 +28,7 @@ import numpy as np
 from ..models.base import Column
 
 #: The share of a request's time left that admission keeps free beyond the predicted wait.
-DEADLINE_MARGIN = 0.2
+DEADLINE_MARGIN = 0.25
 
 #: A row's cost beyond its characters (special tokens, per-row work), in characters. Costs
 #: in characters make a batch of long sentences predictably slower than one of short ones.
