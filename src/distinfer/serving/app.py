@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from ..models.base import TensorInfo
 from .batcher import Shed
 from .metrics import ServerMetrics
 from .protocol import (
@@ -49,7 +50,7 @@ def _error(status: int, message: str, retry_after: int | None = None) -> web.Res
     return _json({"error": message}, status, headers)
 
 
-def _meta(info: Any) -> TensorMeta:
+def _meta(info: TensorInfo) -> TensorMeta:
     datatype = "BYTES" if info.dtype == "text" else numpy_to_datatype(np.dtype(info.dtype))
     return TensorMeta(info.name, datatype, tuple(info.shape))
 
@@ -81,7 +82,7 @@ class _Routes:
             return missing
         s = self.server
 
-        def describe(infos: Any) -> list[dict[str, Any]]:
+        def describe(infos: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
             metas = map(_meta, infos)
             return [{"name": m.name, "datatype": m.datatype, "shape": list(m.shape)} for m in metas]
 

@@ -3,7 +3,8 @@ run by one receiver thread, bridged to the server's event loop.
 
 The event loop sends batches itself (`Backend.send` is safe beside a waiting `receive`);
 the receiver thread waits for answers and losses and hands them to the loop, and it alone
-starts and stops workers, so the backend's bookkeeping has one writer.
+starts workers (`close` stops them once it has ended), so the backend's bookkeeping has
+one writer.
 """
 
 from __future__ import annotations
@@ -28,21 +29,18 @@ class ReplicaPool:
         self.backend = backend
         self.loop = loop
         self.on_items = on_items
-        self._control: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._starts: queue.SimpleQueue[int] = queue.SimpleQueue()  # workers to start
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive_loop, name="distinfer-replicas", daemon=True)
 
     def start(self, workers: list[int]) -> None:
         for worker in workers:
-            self._control.put(("start", worker))
+            self._starts.put(worker)
         self._thread.start()
 
     def replace(self, worker: int) -> None:
         """Start worker `worker` (a replacement) from the receiver thread."""
-        self._control.put(("start", worker))
-
-    def retire(self, worker: int) -> None:
-        self._control.put(("stop", worker))
+        self._starts.put(worker)
 
     def send(self, worker: int, message: InferBatch) -> None:
         self.backend.send(worker, message)
@@ -51,13 +49,10 @@ class ReplicaPool:
         while not self._closing.is_set():
             while True:
                 try:
-                    what, worker = self._control.get_nowait()
+                    worker = self._starts.get_nowait()
                 except queue.Empty:
                     break
-                if what == "start":
-                    self.backend.start(worker)
-                else:
-                    self.backend.stop(worker)
+                self.backend.start(worker)
             items = self.backend.receive(timeout=0.05)
             if items and not self._closing.is_set():
                 try:

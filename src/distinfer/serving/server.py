@@ -41,7 +41,7 @@ class BatchError(Exception):
 class _Replica:
     worker: int
     ready: bool = False
-    batches: dict[int, list[Pending]] = field(default_factory=dict)
+    batches: dict[int, tuple[list[Pending], float]] = field(default_factory=dict)  # id -> requests, sent at
     rate: RateEstimate = field(default_factory=RateEstimate)
     pid: int = 0
     last_done: float = 0.0  # when its last answer arrived
@@ -65,7 +65,6 @@ class InferenceServer:
         self.failed: str | None = None  # why the server cannot serve at all
         self.stopped = asyncio.Event()  # set on failure: the process should exit
         self._settled: set[int] = set()
-        self._batches: dict[int, tuple[int, list[Pending], float]] = {}  # id -> worker, requests, sent at
         self._next_batch = 0
         self._next_worker = config.replicas
         self.restarts = 0
@@ -91,16 +90,20 @@ class InferenceServer:
         self.draining = True
         self._wake.set()
         deadline = self.loop.time() + timeout_s
-        while (self.queue.oldest() is not None or self._batches) and self.loop.time() < deadline:
+        while (self.queue.oldest() is not None or self._running()) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         gone = Shed(503, "draining", "the server shut down before answering; retry on another one")
         while (p := self.queue.oldest()) is not None:
             self.queue.drop(p)
             self._answer(p, gone)
-        for _, batch, _ in self._batches.values():
-            for p in batch:
-                if p.state == "running":
-                    self._answer(p, gone)
+        for replica in self.replicas.values():
+            for batch, _ in replica.batches.values():
+                for p in batch:
+                    if p.state == "running":
+                        self._answer(p, gone)
+
+    def _running(self) -> bool:
+        return any(r.batches for r in self.replicas.values())
 
     def close(self) -> None:
         if self._task is not None:
@@ -142,20 +145,24 @@ class InferenceServer:
             return Shed(503, "draining", "the server is shutting down; retry on another one", 1)
         return Shed(503, "not_ready", "the server is not ready (replicas warming up or lost); retry later", 1)
 
+    def _rate(self) -> float | None:
+        """One replica's work per second: the mean of the ready replicas' measured rates (None
+        before any batch was measured)."""
+        rates = [r.rate.per_s for r in self.replicas.values() if r.ready and r.rate.per_s]
+        return sum(rates) / len(rates) if rates else None
+
     def _capacity(self) -> tuple[list[float], float | None]:
-        """When each ready replica can take its next batch, and one replica's work per second
-        (the mean of their measured rates; None before any batch was measured)."""
-        ready = [r for r in self.replicas.values() if r.ready]
-        rates = [r.rate.per_s for r in ready if r.rate.per_s]
-        if not rates:
+        """When each ready replica can take its next batch, and `_rate()`."""
+        rate = self._rate()
+        if rate is None:
             return [], None
-        rate = sum(rates) / len(rates)
         now = self.loop.time()
         free_at = []
-        for r in ready:
+        for r in self.replicas.values():
+            if not r.ready:
+                continue
             end = now
-            for batch_id, batch in r.batches.items():  # in the order sent; each starts when the last ends
-                sent = self._batches[batch_id][2] if batch_id in self._batches else now
+            for batch, sent in r.batches.values():  # in the order sent; each starts when the last ends
                 end = max(end, sent) + sum(p.work for p in batch) / rate
             free_at.append(max(now, end))
         return free_at, rate
@@ -212,7 +219,7 @@ class InferenceServer:
             if not full and age < self._delay_s and not self.draining:
                 return self._delay_s - age
             # a request that would miss its deadline if left for the batch after this one goes now
-            rate = self._capacity()[1]
+            rate = self._rate()
             row_work = self.queue.work / max(self.queue.rows, 1)
             full_batch_s = self.queue.max_batch * row_work / rate if rate else 0.0
             batch = self.queue.take(now, urgent_before=now + 2 * full_batch_s)
@@ -221,13 +228,12 @@ class InferenceServer:
 
     def _busy_until(self, replica: _Replica) -> float:
         """Least loaded first: an idle replica, else the one whose batch was sent first."""
-        return min((self._batches[b][2] for b in replica.batches if b in self._batches), default=0.0)
+        return min((sent for _, sent in replica.batches.values()), default=0.0)
 
     def _send(self, replica: _Replica, batch: list[Pending], now: float) -> None:
         batch_id = self._next_batch
         self._next_batch += 1
-        self._batches[batch_id] = (replica.worker, batch, now)
-        replica.batches[batch_id] = batch
+        replica.batches[batch_id] = (batch, now)
         for p in batch:
             p.attempts += 1
             self.metrics.queue_time.observe(now - p.arrived, model=self.name)
@@ -255,17 +261,15 @@ class InferenceServer:
     def _take_batch(self, worker: int, batch_id: int) -> tuple[list[Pending], float]:
         """The batch's requests and the seconds the replica spent on it: from its sending,
         or from the answer to the batch before it when it waited in the replica's pipe."""
-        entry = self._batches.pop(batch_id, None)
         replica = self.replicas.get(worker)
+        entry = replica.batches.pop(batch_id, None) if replica is not None else None
+        if replica is None or entry is None:
+            return [], 0.0  # the replica was lost meanwhile: its requests were retried
         now = self.loop.time()
-        if entry is None:
-            return [], 0.0
-        started = entry[2]
-        if replica is not None:
-            replica.batches.pop(batch_id, None)
-            started = max(started, replica.last_done)
-            replica.last_done = now
-        return entry[1], now - started
+        batch, sent = entry
+        started = max(sent, replica.last_done)
+        replica.last_done = now
+        return batch, now - started
 
     def _done(self, item: msg.BatchDone) -> None:
         batch, elapsed = self._take_batch(item.worker, item.batch_id)
@@ -313,8 +317,7 @@ class InferenceServer:
             return
         _log(f"replica lost: {item.reason}")
         retry: list[Pending] = []
-        for batch_id, batch in replica.batches.items():
-            self._batches.pop(batch_id, None)
+        for batch, _ in replica.batches.values():
             for p in batch:
                 if p.state != "running":
                     continue
