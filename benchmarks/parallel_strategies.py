@@ -95,13 +95,14 @@ def latencies(model: str, lines: list[str], batch_size: int, repeats: int) -> di
 
     spec = parse_model(model)
     texts = {"text": lines[:batch_size]}
-    single = load_runner(spec, 1)
-    # The same rows as one batch for every runner: the longest-first batch of the block.
-    batch = single.prepare(texts, batch_size).batches[0]
-    out = {"single": _median_latency(single, batch, repeats)}
-    del single
     staged = staged_model(spec.name, spec.kind)
     assert staged is not None
+    # The same rows as one batch for every runner: the stages' longest-first batch of the block
+    # (rows of near-equal length, so the whole model, which runs batches packed, does no less work).
+    batch = staged.preparer("cpu").prepare(texts, batch_size).batches[0]
+    single = load_runner(spec, 1)
+    out = {"single": _median_latency(single, batch, repeats)}
+    del single
     cut = balanced_cut(staged.layer_costs(batch_size, 64), 2, None)
     pipe = PipelineRunner(staged, tuple((s.start, s.stop) for s in cut.stages), 1)
     out["pipeline"] = _median_latency(pipe, batch, repeats)

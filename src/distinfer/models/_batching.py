@@ -47,12 +47,15 @@ def length_buckets(
 
 def padded_batches(
     ids: Sequence[Sequence[int] | np.ndarray], batch_size: int, device_type: str,
-    mask_dtype: torch.dtype = torch.long,
+    mask_dtype: torch.dtype = torch.long, tolerance: float | None = None,
 ) -> Batches:
-    """Batches of (token ids [B, T] int64, mask [B, T]) with rows right-padded with 0."""
+    """Batches of (token ids [B, T] int64, mask [B, T]) with rows right-padded with 0.
+
+    `tolerance` overrides the device's `PAD_TOLERANCE` (1.0: never cut a batch by length)."""
     lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     order = np.argsort(-lengths, kind="stable")
-    tolerance = PAD_TOLERANCE.get(device_type, 0.25)
+    if tolerance is None:
+        tolerance = PAD_TOLERANCE.get(device_type, 0.25)
     batches = []
     for chosen in length_buckets(order, lengths, batch_size, tolerance):
         width = int(lengths[chosen[0]])

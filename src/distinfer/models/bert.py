@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import Packing
+
 __all__ = ["BertConfig", "BertEncoder", "load_bert"]
 
 
@@ -58,6 +60,16 @@ class _Embeddings(nn.Module):
         out: torch.Tensor = self.LayerNorm(x)
         return out
 
+    def forward_packed(self, packing: Packing, input_ids: torch.Tensor) -> torch.Tensor:
+        """Packed [T, H] embeddings of the real tokens of padded `input_ids` [B, W] (token type 0)."""
+        x = (
+            self.word_embeddings(packing.pack(input_ids))
+            + self.token_type_embeddings.weight[0]
+            + self.position_embeddings(packing.positions)
+        )
+        out: torch.Tensor = self.LayerNorm(x)
+        return out
+
 
 class _Layer(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
@@ -84,7 +96,15 @@ class _Layer(nn.Module):
             split(self.query(x)), split(self.key(x)), split(self.value(x)),
             attn_mask=mask, scale=1.0 / math.sqrt(d),
         )
-        ctx = ctx.transpose(1, 2).reshape(b, t, h)
+        return self._after_attention(ctx.transpose(1, 2).reshape(b, t, h), x)
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The same layer over packed [T, H] tokens."""
+        scale = 1.0 / math.sqrt(x.shape[1] // self.heads)
+        ctx = packing.attention(self.query(x), self.key(x), self.value(x), self.heads, scale)
+        return self._after_attention(ctx, x)
+
+    def _after_attention(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.attn_norm(self.attn_out(ctx) + x)
         out: torch.Tensor = self.mlp_norm(self.mlp_out(F.gelu(self.mlp_in(x))) + x)
         return out
@@ -129,6 +149,16 @@ class BertEncoder(nn.Module):
         assert self.embeddings is not None, "forward() needs the part holding the embeddings"
         x: torch.Tensor = self.embeddings(input_ids, token_type_ids)
         return self._layers(x, attention_mask)
+
+    def forward_packed(self, input_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The last hidden state of the real tokens only, [T, H] in `packing`'s order (token
+        type 0 everywhere); the same values as `forward` without computing the padding."""
+        assert self.embeddings is not None, "forward_packed() needs the part holding the embeddings"
+        x = self.embeddings.forward_packed(packing, input_ids)
+        for layer in self.layers:
+            assert isinstance(layer, _Layer)
+            x = layer.forward_packed(x, packing)
+        return x
 
     def run_part(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (first part) or hidden states (later parts) → hidden states."""
