@@ -48,6 +48,7 @@ def test_an_onnx_model_served_equals_onnx_runtime(tmp_path: Path) -> None:
             got = np.concatenate(list(pool.map(infer, np.split(data, 4))))
         torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want))
         assert s.metric("distinfer_batch_size_sum") / s.metric("distinfer_batch_size_count") > 3
+        assert s.server.queue.group_lengths  # an ONNX model pays for padding: similar rows go together
 
         wrong = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]}
         r = requests.post(s.url + "/v2/models/fake/infer", json=wrong, timeout=10)
@@ -76,3 +77,21 @@ def test_a_model_parallel_replica_serves_like_the_whole_model(options: dict[str,
     hidden = torch.tensor([row for a in answers for row in a.json()["outputs"]["hidden"]])
     torch.testing.assert_close(hidden, torch.from_numpy(want["hidden"]))
     assert [t for a in answers for t in a.json()["outputs"]["next_token"]] == want["next_token"].tolist()
+
+
+def test_minilm_replicas_take_requests_in_arrival_order(corpus_lines: list[str]) -> None:
+    """minilm runs its batches packed, so the queue need not group rows by length; the
+    answers still equal the batch engine's."""
+    from distinfer.models.minilm import MiniLMRunner
+
+    texts = corpus_lines[:24]
+    want = run_block(MiniLMRunner(), {"text": texts}, 64, StageTimer())["embedding"]
+    config = ServeConfig(model="minilm", replicas=1, max_batch_size=8)
+    with fake_server(LocalBackend(worker_spec(config)), ready_timeout=120, replicas=1, max_batch_size=8) as s, \
+            ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: requests.post(s.url + "/text", json=texts[i : i + 4], timeout=60),
+                                range(0, 24, 4)))
+        assert not s.server.queue.group_lengths
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    got = np.array([row for a in answers for row in a.json()["outputs"]["embedding"]], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)

@@ -147,6 +147,16 @@ def test_a_crowded_queue_batches_rows_of_similar_length(loop: asyncio.AbstractEv
     assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["g"]
 
 
+def test_a_model_that_does_not_pad_gets_batches_in_arrival_order(loop: asyncio.AbstractEventLoop) -> None:
+    q = RequestQueue(max_batch=3, max_queue=100)
+    q.group_lengths = False  # e.g. minilm, which runs its batches packed
+    texts = ["a" * 50, "b" * 5, "c" * 48, "d" * 6, "e" * 52, "f" * 4, "g" * 500]
+    for t in texts:
+        q.push(request(loop, inputs={"text": [t]}))
+    assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["a", "b", "c"]
+    assert [p.inputs["text"][0][0] for p in q.take(0.0)] == ["d", "e", "f"]
+
+
 def test_row_size_is_characters_per_text_row() -> None:
     from distinfer.serving.batcher import row_size
 

@@ -78,6 +78,8 @@ class Runner(ABC):
 
     #: model inputs, in the model's order; text models have the single input "text"
     input_names: tuple[str, ...]
+    #: whether a call pays for padding, so that rows of similar length are best batched together
+    pads_batches: bool = True
 
     def bind(self, columns: Sequence[str], column: str | None) -> dict[str, str]:
         """Map each model input to a source column, or raise ModelInputError saying how to fix it."""

@@ -80,6 +80,7 @@ class MiniLMRunner(Runner):
     batch of rows of any lengths runs as fast per row as one of equal lengths."""
 
     input_names: tuple[str, ...] = ("text",)
+    pads_batches = False
 
     def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
         path = model_dir or minilm_path()

@@ -93,6 +93,7 @@ class WorkerReady:
     members: tuple[str, ...] = ()  # a group's stages or ranks: where each runs
     inputs: tuple[TensorInfo, ...] = ()  # serving: what the model takes (from the warm-up)
     outputs: tuple[TensorInfo, ...] = ()  # serving: what it returned for the warm-up rows
+    pads_batches: bool = True  # serving: the model pays for padding (`Runner.pads_batches`)
 
 
 @dataclass(frozen=True, slots=True)

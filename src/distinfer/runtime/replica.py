@@ -68,7 +68,8 @@ class Replica:
 
     def ready_message(self) -> WorkerReady:
         return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s,
-                           getattr(self.runner, "hosts", ()), self.inputs, self.outputs)
+                           getattr(self.runner, "hosts", ()), self.inputs, self.outputs,
+                           self.runner.pads_batches)
 
     def _warm_up(self) -> None:
         """Run a few example rows twice (first-call costs paid before any request) and

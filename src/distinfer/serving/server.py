@@ -301,6 +301,7 @@ class InferenceServer:
         replica.ready, replica.pid = True, item.pid
         if not self.inputs:
             self.inputs, self.outputs = item.inputs, item.outputs
+            self.queue.group_lengths = item.pads_batches
         _log(f"replica {item.worker} ready (pid {item.pid} on {item.host}, warm after {item.load_s:.1f} s)")
         self._settle(item.worker)
 
