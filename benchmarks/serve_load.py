@@ -870,7 +870,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds at 3x the sustainable rate (0: skip)")
     p.add_argument("--start-rate", type=float, default=20.0, help="first search rate, requests/s")
     p.add_argument("--factor", type=float, default=1.25, help="rate multiplier between search steps")
-    p.add_argument("--refine", type=int, default=2, help="bisection steps after the first failing rate")
+    p.add_argument("--refine", type=int, default=3, help="bisection steps after the first failing rate")
     p.add_argument("--max-rate", type=float, default=2000.0, help="the search stops here")
     p.add_argument("--min-rate", type=float, default=1.0, help="lowest rate tried when the start rate fails")
     p.add_argument("--offline-rows", type=int, default=4000,
