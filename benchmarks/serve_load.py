@@ -179,11 +179,12 @@ def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
 
 
 class Connection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("last_used", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.last_used = time.monotonic()
 
     def close(self) -> None:
         try:
@@ -219,6 +220,12 @@ class Connection:
         return status, body, keep
 
 
+# An idle connection is reused only this soon after its last answer: servers close idle
+# keep-alive connections on their own (uvicorn, under LitServe, after 5 s), and a request sent
+# as the server closes one is lost. Older idle connections are closed, not reused.
+REUSE_IDLE_S = 2.0
+
+
 class Pool:
     """At most `size` connections to one server, opened on demand and reused (last used first)."""
 
@@ -242,7 +249,9 @@ class Pool:
         self.peak_busy = max(self.peak_busy, self.busy)
         try:
             for attempt in range(2):
-                conn = self._idle.pop() if self._idle else await self._open()
+                # a retry always gets a new connection: the other idle ones may be stale too
+                conn = self._fresh_idle() if attempt == 0 else None
+                conn = conn or await self._open()
                 try:
                     status, body, keep = await conn.roundtrip(request)
                 except asyncio.IncompleteReadError as exc:
@@ -261,6 +270,7 @@ class Pool:
                     conn.close()
                     raise
                 if keep:
+                    conn.last_used = time.monotonic()
                     self._idle.append(conn)
                 else:
                     conn.close()
@@ -269,6 +279,16 @@ class Pool:
         finally:
             self.busy -= 1
             self._slots.release()
+
+    def _fresh_idle(self) -> Connection | None:
+        """The most recently used idle connection, closing those idle too long to trust."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.last_used <= REUSE_IDLE_S:
+                return conn
+            conn.close()
+        return None
 
     def close_idle(self) -> None:
         for conn in self._idle:
