@@ -1,7 +1,9 @@
 """A short check for a machine with a CUDA GPU (a few minutes; never needed by the tests).
 
 1. The `decoder` runner on the GPU equals the CPU within float32-on-GPU tolerances.
-2. `minilm` on the GPU equals the CPU (skipped when the weights package is missing).
+2. `minilm` on the GPU equals the CPU (skipped when the weights package is missing), and
+   a BERT of minilm's shapes with seeded weights runs packed batches (random lengths) on the
+   GPU equal to its padded forward and to the CPU.
 3. `distinfer run --device cuda` end to end with 1 and 2 workers sharing the GPU, and with
    a 2-stage pipeline (stages share the GPU when there is one; stage i on GPU i % count):
    every row exactly once, outputs equal to the in-process GPU runner, throughput printed.
@@ -37,6 +39,36 @@ def timed_block(runner: object, texts: list[str]) -> tuple[dict[str, np.ndarray]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, len(texts) / (time.perf_counter() - start)
+
+
+def check_packed_bert(device: str = "cuda") -> bool:
+    """Packed BERT batches on the GPU: equal to the padded forward there and to the CPU."""
+    from distinfer.models.bert import BertConfig, BertEncoder
+    from distinfer.models.minilm import mean_pool
+    from distinfer.models.packing import Packing
+
+    torch.manual_seed(0)
+    model = BertEncoder(BertConfig(30522, 384, 6, 12, 1536, 512, 2, 1e-12)).eval()
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    lengths = torch.randint(2, 90, (48,))
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 30522, (48, width)) * mask
+    out = {}
+    with torch.inference_mode():
+        for where in ("cpu", device):
+            m, i, k = model.to(where), ids.to(where), mask.to(where)
+            packing = Packing.from_mask(k)
+            packed = torch.nn.functional.normalize(packing.mean_rows(m.forward_packed(i, packing)), dim=1)
+            out[where] = packed.cpu().numpy()
+            out[where + " padded"] = mean_pool(m(i, k, torch.zeros_like(i)), k)["embedding"]
+    vs_padded = float(np.abs(out[device] - out[device + " padded"]).max())
+    vs_cpu = float(np.abs(out[device] - out["cpu"]).max())
+    ok = vs_padded < 1e-5 and vs_cpu < 1e-4
+    print(f"packed BERT (minilm shapes, seeded) on {device}: max |diff| vs padded {vs_padded:.2e}, vs cpu "
+          f"{vs_cpu:.2e}  {'PASS' if ok else 'FAIL'}")
+    return ok
 
 
 def check_run(size: str, corpus: Path, out: Path, extra: list[str], label: str, want: np.ndarray,
@@ -109,6 +141,8 @@ def main() -> int:
               f"{'PASS' if ok else 'FAIL'}")
     except Exception as exc:  # the weights package may be missing on this machine
         print(f"minilm: SKIP ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+
+    failed |= not check_packed_bert()
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "in.txt"
