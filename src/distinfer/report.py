@@ -116,6 +116,8 @@ class WorkerStats:
     elapsed_s: float = 0.0  # from ready to its last finished block, on the worker's clock
     seconds: dict[str, float] = field(default_factory=dict)
     lost: str = ""  # why the worker was lost, if it was
+    ready: bool = False  # it loaded its model (pid, host and load_s are known)
+    not_ready: str = ""  # why it never became ready ("still loading when the job ended", ...)
     group: GroupSummary | None = None  # a pipeline's stages or a tensor-parallel group's ranks
 
     def add_block(
@@ -223,6 +225,9 @@ class JobReport:
             f = w.fractions()
             parts = " ".join(f"{s} {f[s]:.0%}" for s in (*STAGES, "other"))
             note = f"  LOST: {w.lost}" if w.lost else ""
+            if not w.ready:
+                lines.append(f"  worker {w.worker}: not ready: {w.not_ready or 'never loaded'}{note}")
+                continue
             lines.append(
                 f"  worker {w.worker} ({w.host} pid {w.pid}): {w.rows} rows, busy {w.busy_fraction:.0%}"
                 f" | {parts}{note}"

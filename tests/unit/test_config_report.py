@@ -69,7 +69,7 @@ def test_missing_job_file() -> None:
 
 
 def test_report_fractions_efficiency_and_json(tmp_path: Path) -> None:
-    w = WorkerStats(0)
+    w = WorkerStats(0, pid=41, host="here", ready=True)
     w.add_block(100, {"read": 0.1, "preprocess": 1.0, "model": 8.0, "write": 0.4}, 5.0)
     w.add_block(100, {"model": 0.4, "idle": 0.1}, 10.0)
     assert w.rows == 200 and w.blocks == 2
@@ -86,6 +86,20 @@ def test_report_fractions_efficiency_and_json(tmp_path: Path) -> None:
     assert saved["efficiency"] == pytest.approx(1.25)
     assert saved["worker_stats"][0]["rows"] == 200
     assert "scaling efficiency 125%" in report.summary()
+
+
+def test_report_names_a_worker_that_never_became_ready() -> None:
+    done = WorkerStats(0, pid=41, host="here", ready=True)
+    done.add_block(500, {"model": 1.0}, 2.0)
+    loading = WorkerStats(1, not_ready="still loading when the job ended")
+    report = JobReport("out", "m", "in", "local", 2, 1, rows=500, wall_s=3.0, worker_stats=[done, loading])
+    lines = report.summary().splitlines()
+    assert "  worker 0 (here pid 41): 500 rows" in "\n".join(lines)
+    assert "  worker 1: not ready: still loading when the job ended" in lines
+    assert "pid 0" not in report.summary()
+    saved = report.to_dict()["worker_stats"]
+    assert [w["ready"] for w in saved] == [True, False]
+    assert saved[1]["not_ready"] == "still loading when the job ended"
 
 
 def test_progress_draws_only_when_enabled() -> None:

@@ -118,6 +118,9 @@ class _Job:
                 self.manifest.save(self.output_dir)
                 remove_temp_parts(self.output_dir)
         self.report.wall_s = time.monotonic() - self.started
+        for stats in self.stats.values():
+            if not stats.ready and not stats.lost and not stats.not_ready:
+                stats.not_ready = "still loading when the job ended"
         self.report.worker_stats = [self.stats[w] for w in sorted(self.stats)]
         save_json(self.output_dir, REPORT, self.report.to_dict(), indent=2)
         return self.report
@@ -189,7 +192,7 @@ class _Job:
             return BlockStarted(item.worker, item.block_id)
         if isinstance(item, msg.WorkerReady):
             stats = self.stats[item.worker]
-            stats.pid, stats.host, stats.load_s = item.pid, item.host, item.load_s
+            stats.pid, stats.host, stats.load_s, stats.ready = item.pid, item.host, item.load_s, True
             if item.members:
                 kind = "stage" if self.spec.strategy == "pipeline" else "rank"
                 stats.group = GroupSummary(kind, list(item.members))
@@ -199,6 +202,7 @@ class _Job:
         if isinstance(item, msg.BlockUnfinished):
             return BlockFailed(item.worker, item.block_id, item.error)
         if isinstance(item, msg.WorkerUnusable):
+            self.stats[item.worker].not_ready = f"could not start: {item.error.message}"
             return WorkerFailed(item.worker, item.error)
         if not isinstance(item, WorkerGone):
             return None  # serving answers; a batch job sends none
