@@ -90,8 +90,8 @@ def latencies(model: str, lines: list[str], batch_size: int, repeats: int) -> di
     from distinfer.models.registry import load_runner, parse_model
     from distinfer.models.staged import staged_model
     from distinfer.planning import balanced_cut
-    from distinfer.runtime.pipeline import PipelineRunner
-    from distinfer.runtime.tensor import TensorParallelRunner
+    from distinfer.worker.pipeline import PipelineRunner
+    from distinfer.worker.tensor import TensorParallelRunner
 
     spec = parse_model(model)
     texts = {"text": lines[:batch_size]}
@@ -138,7 +138,7 @@ def main() -> int:
     parser.add_argument("--skip-big", action="store_true", help="skip the 1.24B decoder under 2 GiB")
     args = parser.parse_args()
 
-    from distinfer.runtime.replica import limit_threads
+    from distinfer.worker.process import limit_threads
 
     limit_threads(1)
     lines = CORPUS.read_text(encoding="utf-8").splitlines()

@@ -25,7 +25,7 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
     Raises a `distinfer.DistinferError` subclass with a one-line message on bad input,
     an unusable model or output directory, or a job that cannot finish.
     """
-    from .runtime.driver import run_job
+    from .driver.job import run_job
 
     if config is None:
         config = RunConfig.build(options)
@@ -72,7 +72,8 @@ def bench(
     from .data.sources import open_source, plan_blocks
     from .models.base import StageTimer, run_block
     from .models.registry import load_runner, parse_model
-    from .runtime.replica import limit_threads, read_inputs
+    from .worker.process import limit_threads
+    from .worker.replica import read_inputs
 
     limit_threads(threads)
     spec = parse_model(model)

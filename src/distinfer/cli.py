@@ -156,11 +156,11 @@ def _plan_parser(sub: Any) -> None:
 
 
 def _cmd_plan(args: dict[str, Any]) -> int:
+    from .driver.layout import RUNTIME_RESERVE, choose_plan, usable_memory
     from .errors import ModelError
     from .models.registry import parse_model
     from .models.staged import staged_model
     from .planning import format_bytes
-    from .runtime.strategy import RUNTIME_RESERVE, choose_plan, usable_memory
 
     limit = usable_memory(args["worker_memory"])
     spec = parse_model(args["model"])

@@ -15,6 +15,7 @@ from typing import Any
 import tomllib
 
 from .errors import ConfigError
+from .messages import BackendName, Device, Strategy, TensorComm
 
 __all__ = ["RunConfig", "load_job_file"]
 
@@ -34,17 +35,17 @@ class RunConfig:
     column: str | None = None
     input_format: str | None = None
     overwrite: bool = False
-    backend: str = "local"  # "local" processes or "ray"
+    backend: BackendName = "local"  # "local" processes or "ray"
     address: str | None = None  # ray: "auto", "ray://host:port", or None to start a local Ray
     worker_cpus: float = 1.0  # ray: CPUs each worker actor asks for
     worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
     worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
-    device: str = "cpu"
-    strategy: str = "data"  # "data" (whole model per worker), "pipeline" (stages) or "tensor" (ranks)
+    device: Device = "cpu"
+    strategy: Strategy = "data"  # "data" (whole model per worker), "pipeline" (stages) or "tensor" (ranks)
     stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
     cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
     tensor_parallel: int | None = None  # tensor: ranks per replica (None: 2)
-    tensor_comm: str = "auto"  # tensor: "auto" (shm on CPU, nccl on GPU), "shm", "gloo", "nccl"
+    tensor_comm: TensorComm = "auto"  # tensor: "auto" (shm on CPU, nccl on GPU), "shm", "gloo", "nccl"
     worker_memory: str | None = None  # per-process memory limit for planning, e.g. "3GiB"
     prefetch: int = 2
     max_restarts: int = 3

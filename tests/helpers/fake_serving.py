@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from distinfer.backends.base import Backend, WorkerGone
+from distinfer import messages as msg
+from distinfer.backends.base import Backend
 from distinfer.errors import ErrorInfo
 from distinfer.models.base import TensorInfo
-from distinfer.runtime import messages as msg
 from distinfer.serving.config import ServeConfig
 
 INPUTS = (TensorInfo("text", "text", (-1,)),)
@@ -66,7 +66,7 @@ class FakeBackend(Backend):
 
     def kill(self, worker: int) -> None:
         self.dead.add(worker)
-        self.events.put(WorkerGone(worker, f"worker {worker} was killed by SIGKILL"))
+        self.events.put(msg.WorkerLost(worker, f"worker {worker} was killed by SIGKILL"))
 
     def receive(self, timeout: float) -> list[Any]:
         try:

@@ -20,7 +20,7 @@ from distinfer.errors import ModelError
 from distinfer.models.base import Runner, StageTimer, run_block
 from distinfer.models.decoder import DecoderRunner
 from distinfer.models.minilm import MiniLMRunner
-from distinfer.runtime.tensor import TensorParallelRunner
+from distinfer.worker.tensor import TensorParallelRunner
 
 ROWS = 100
 BATCH = 16
@@ -75,7 +75,7 @@ def test_models_that_cannot_be_sharded_are_refused_before_any_process_starts() -
 _VICTIM = """
 import sys
 from distinfer.models.base import StageTimer, run_block
-from distinfer.runtime.tensor import TensorParallelRunner
+from distinfer.worker.tensor import TensorParallelRunner
 
 tp = TensorParallelRunner("decoder-tiny", "decoder", 2, 1, comm=sys.argv[1])
 print(tp._procs[0].pid, flush=True)

@@ -15,9 +15,9 @@ import toy_models
 
 from distinfer.errors import ModelError, ModelInputError
 from distinfer.models.fx_stages import TracedStaged
+from distinfer.models.profile import module_bytes
 from distinfer.models.staged import staged_model
 from distinfer.models.torch_runner import TorchRunner
-from distinfer.planning.profile import module_bytes
 
 ROWS = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distinfer.errors import ConfigError
+from distinfer.models.profile import measure_layers, module_bytes, profile_layers, tensor_bytes
 from distinfer.planning import (
     LayerCost,
     PipelinePlan,
@@ -22,12 +23,8 @@ from distinfer.planning import (
     balanced_cut,
     explicit_cut,
     format_bytes,
-    measure_layers,
     min_stages_for_memory,
-    module_bytes,
     parse_memory,
-    profile_layers,
-    tensor_bytes,
 )
 
 GiB = 2**30

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distinfer.runtime.shm_channel import ShmChannel
+from distinfer.worker.shm_channel import ShmChannel
 
 
 @pytest.fixture()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..runtime.messages import WorkerSpec
-from .base import Backend, WorkerGone
+from ..messages import WorkerSpec
+from .base import Backend
 
-__all__ = ["BACKENDS", "Backend", "WorkerGone", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "make_backend"]
 
 BACKENDS = ("local", "ray")
 

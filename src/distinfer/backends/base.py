@@ -8,19 +8,10 @@ back to the scheduler as events.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
-from ..runtime.messages import AssignBlock, CancelBlock, InferBatch, WorkerMessage, WorkerSpec
+from ..messages import Order, WorkerLost, WorkerMessage, WorkerSpec
 
-__all__ = ["Backend", "WorkerGone"]
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerGone:
-    """The backend lost a worker (process died, actor or node lost)."""
-
-    worker: int
-    reason: str
+__all__ = ["Backend", "WorkerLost"]
 
 
 class Backend(ABC):
@@ -34,14 +25,14 @@ class Backend(ABC):
         """Start worker `worker` (asynchronously: it reports WorkerReady when loaded)."""
 
     @abstractmethod
-    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
+    def send(self, worker: int, message: Order) -> None:
         """Deliver a message; a worker that is gone is reported by `receive`, not here. Safe
         to call from another thread than the one in `receive` (serving sends from its event
         loop while a receiver thread waits)."""
 
     @abstractmethod
-    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
-        """Messages and losses that arrived, waiting at most `timeout` seconds for the first."""
+    def receive(self, timeout: float) -> list[WorkerMessage]:
+        """Messages and losses (`WorkerLost`) that arrived, waiting at most `timeout` s for the first."""
 
     @abstractmethod
     def stop(self, worker: int) -> None:

@@ -2,7 +2,7 @@
 
 Each worker has its own duplex pipe; the driver waits on all pipes and all process
 sentinels at once, so a worker killed mid-job (even mid-message) is noticed at once and
-only its own pipe is lost. A worker drains its pipe before each block, so a `CancelBlock`
+only its own pipe is lost. A worker drains its pipe before each block, so a `Cancel`
 for a queued block lands before the block starts.
 """
 
@@ -17,18 +17,20 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ..runtime.messages import (
-    AssignBlock,
-    BlockStarting,
-    BlockUnfinished,
-    CancelBlock,
+from ..messages import (
+    BlockFailed,
+    BlockStarted,
+    Cancel,
     InferBatch,
+    Order,
+    RunBlock,
     StopWorker,
+    WorkerFailed,
+    WorkerLost,
     WorkerMessage,
     WorkerSpec,
-    WorkerUnusable,
 )
-from .base import Backend, WorkerGone
+from .base import Backend
 
 __all__ = ["LocalBackend"]
 
@@ -43,16 +45,17 @@ def _worker_main(worker: int, spec: WorkerSpec, conn: Connection) -> None:
 
 
 def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> None:
-    from ..runtime.replica import Replica, error_info, limit_threads
+    from ..worker.process import limit_threads
+    from ..worker.replica import Replica, error_info
 
     limit_threads(spec.threads)
     try:
         replica = Replica(worker, spec, entered)
     except Exception as exc:
-        conn.send(WorkerUnusable(worker, error_info(exc)))
+        conn.send(WorkerFailed(worker, error_info(exc)))
         return
     conn.send(replica.ready_message())
-    queue: deque[AssignBlock] = deque()
+    queue: deque[RunBlock] = deque()
     while True:
         waited = 0.0
         while not queue or conn.poll():
@@ -63,16 +66,16 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
                 return
             if isinstance(message, InferBatch):  # serving: answered at once, never queued
                 conn.send(replica.infer(message))
-            elif isinstance(message, AssignBlock):
+            elif isinstance(message, RunBlock):
                 queue.append(message)
-            elif isinstance(message, CancelBlock):
-                queue = deque(m for m in queue if m.block.id != message.block_id)
+            elif isinstance(message, Cancel):
+                queue = deque(m for m in queue if m.block.id != message.block)
         block = queue.popleft().block
-        conn.send(BlockStarting(worker, block.id))
+        conn.send(BlockStarted(worker, block.id))
         try:
             conn.send(replica.run(block, waited))
         except Exception as exc:
-            conn.send(BlockUnfinished(worker, block.id, error_info(exc)))
+            conn.send(BlockFailed(worker, block.id, error_info(exc)))
 
 
 class LocalBackend(Backend):
@@ -101,7 +104,7 @@ class LocalBackend(Backend):
         proc = self._procs.get(worker)
         return proc.pid if proc is not None else None
 
-    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
+    def send(self, worker: int, message: Order) -> None:
         conn = self._conns.get(worker)
         if conn is None:
             return
@@ -110,7 +113,7 @@ class LocalBackend(Backend):
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the sentinel reports the death
 
-    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
+    def receive(self, timeout: float) -> list[WorkerMessage]:
         handles: dict[Any, tuple[str, int]] = {}
         for worker, conn in self._conns.items():
             handles[conn] = ("conn", worker)
@@ -118,7 +121,7 @@ class LocalBackend(Backend):
         if not handles:
             time.sleep(timeout)
             return []
-        out: list[WorkerMessage | WorkerGone] = []
+        out: list[WorkerMessage] = []
         for handle in wait(list(handles), timeout):
             kind, worker = handles[handle]
             if worker not in self._conns:
@@ -130,7 +133,7 @@ class LocalBackend(Backend):
                 except (EOFError, OSError):
                     pass  # a dead or half-written pipe: read the process's fate below
             out.extend(self._drain(worker))
-            out.append(WorkerGone(worker, self._fate(worker)))
+            out.append(WorkerLost(worker, self._fate(worker)))
             self._forget(worker)
         return out
 
@@ -165,7 +168,7 @@ class LocalBackend(Backend):
         if conn is None:
             return
         with contextlib.suppress(OSError):
-            conn.send(StopWorker())
+            conn.send(StopWorker(worker))
         self._stopping.append(self._procs.pop(worker))
         self._conns.pop(worker).close()
 

@@ -2,9 +2,9 @@
 
 Ray places the actors (by the CPUs, GPUs and custom resources each asks for), runs them on
 any node, and tells the driver when one dies with its node. distinfer keeps its own
-scheduler: an `AssignBlock` becomes an actor call `run(block)`; the call's result (or the
+scheduler: a `RunBlock` becomes an actor call `run(block)`; the call's result (or the
 actor's death) becomes the event. Actor calls run one at a time in submission order, so the
-calls queued behind the running one are the worker's prefetch. A `CancelBlock` goes to a
+calls queued behind the running one are the worker's prefetch. A `Cancel` goes to a
 separate concurrency group, so it overtakes the queued calls; the cancelled call then
 returns at once without work.
 
@@ -27,17 +27,18 @@ from typing import Any
 from ..config import RunConfig
 from ..data.blocks import Block
 from ..errors import ConfigError
-from ..runtime.messages import (
-    AssignBlock,
-    BlockUnfinished,
-    CancelBlock,
+from ..messages import (
+    BlockFailed,
     InferBatch,
+    Order,
+    RunBlock,
+    WorkerFailed,
+    WorkerLost,
     WorkerMessage,
     WorkerReady,
     WorkerSpec,
-    WorkerUnusable,
 )
-from .base import Backend, WorkerGone
+from .base import Backend
 
 __all__ = ["RayBackend", "RayOptions", "ReplicaActor"]
 
@@ -73,7 +74,7 @@ class ReplicaActor:
     """One worker on a Ray node: loads the model once (in `ready`), then runs blocks."""
 
     def __init__(self, worker: int, spec: WorkerSpec) -> None:
-        from ..runtime.replica import limit_threads
+        from ..worker.process import limit_threads
 
         self.entered = time.perf_counter()
         limit_threads(spec.threads)
@@ -86,12 +87,12 @@ class ReplicaActor:
     def ready(self) -> WorkerMessage:
         import ray
 
-        from ..runtime.replica import Replica, error_info
+        from ..worker.replica import Replica, error_info
 
         try:
             self.replica = Replica(self.worker, self.spec, self.entered)
         except Exception as exc:
-            return WorkerUnusable(self.worker, error_info(exc))
+            return WorkerFailed(self.worker, error_info(exc))
         node = ray.get_runtime_context().get_node_id()[:8]
         ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self.last_end = time.perf_counter()
@@ -109,7 +110,7 @@ class ReplicaActor:
         return self.replica.infer(message)  # type: ignore[no-any-return]
 
     def run(self, block: Block) -> WorkerMessage | None:
-        from ..runtime.replica import error_info
+        from ..worker.replica import error_info
 
         if block.id in self.cancelled:
             self.cancelled.discard(block.id)
@@ -118,7 +119,7 @@ class ReplicaActor:
         try:
             return self.replica.run(block, waited)  # type: ignore[no-any-return]
         except Exception as exc:
-            return BlockUnfinished(self.worker, block.id, error_info(exc))
+            return BlockFailed(self.worker, block.id, error_info(exc))
         finally:
             self.last_end = time.perf_counter()
 
@@ -157,7 +158,7 @@ class RayBackend(Backend):
         self._actors[worker] = actor
         self._refs[actor.ready.remote()] = (worker, "ready")
 
-    def send(self, worker: int, message: AssignBlock | CancelBlock | InferBatch) -> None:
+    def send(self, worker: int, message: Order) -> None:
         actor = self._actors.get(worker)
         if actor is None:
             return
@@ -165,14 +166,14 @@ class RayBackend(Backend):
             ref = actor.infer.remote(message)
             with self._lock:
                 self._refs[ref] = (worker, "infer")
-        elif isinstance(message, AssignBlock):
+        elif isinstance(message, RunBlock):
             ref = actor.run.remote(message.block)
             with self._lock:
                 self._refs[ref] = (worker, "run")
         else:
-            actor.cancel.remote(message.block_id)
+            actor.cancel.remote(message.block)
 
-    def receive(self, timeout: float) -> list[WorkerMessage | WorkerGone]:
+    def receive(self, timeout: float) -> list[WorkerMessage]:
         with self._lock:
             refs = list(self._refs)
         if not refs:
@@ -184,7 +185,7 @@ class RayBackend(Backend):
         with self._lock:
             refs = list(self._refs)
         done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-        out: list[WorkerMessage | WorkerGone] = []
+        out: list[WorkerMessage] = []
         for ref in done:
             with self._lock:
                 entry = self._refs.pop(ref, None)
@@ -196,7 +197,7 @@ class RayBackend(Backend):
             try:
                 message = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
-                out.append(WorkerGone(worker, _death_reason(worker, exc)))
+                out.append(WorkerLost(worker, _death_reason(worker, exc)))
                 self._forget(worker)
                 continue
             if isinstance(message, WorkerReady):

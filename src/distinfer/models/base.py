@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelInputError
+from ..messages import GroupStats, TensorInfo
 
 __all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "run_block"]
 
@@ -41,30 +42,6 @@ class StageTimer:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + (now - since)
         return now
-
-
-@dataclass(frozen=True, slots=True)
-class GroupStats:
-    """What the processes of one replica group (pipeline stages or tensor-parallel ranks)
-    did while it ran one block's batches; lists hold one entry per member, in order."""
-
-    kind: str  # "stage" or "rank"
-    wall_s: float  # the block's forward_many, start to end
-    micro_batches: int
-    busy_s: tuple[float, ...]  # computing layers
-    comm_s: tuple[float, ...]  # moving activations: queue put/get, broadcasts, all-reduces
-    peak_rss: tuple[int, ...]  # bytes, the member process's peak resident memory so far
-    bubble_s: float = 0.0  # pipeline: stage-seconds idle while the block's pipeline filled and drained
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """A model input or output: `dtype` a numpy dtype string ("<f4") or "text"; `shape` with
-    -1 for a dimension of any size, the first (rows) always -1."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 WARM_UP_TEXTS = [

@@ -66,7 +66,7 @@ class DecoderStaged(StagedModel):
         return [4 * n for n in self.config.layer_parameters()]
 
     def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
-        from ..planning.layers import model_layer_costs
+        from .layer_costs import model_layer_costs
 
         return model_layer_costs(self.name, batch_size, seq_len)
 

@@ -278,7 +278,7 @@ class TracedStaged(StagedModel):
         return self._measure(self._graph(), example)
 
     def _measure(self, graph: _Graph, example: torch.Tensor) -> list[LayerCost]:
-        from ..planning.profile import module_bytes, profile_layers
+        from .profile import module_bytes, profile_layers
 
         layers = [graph.stage(i, i + 1, "cpu") for i in range(len(graph.bounds) - 1)]
         costs = profile_layers(layers, example, graph.layer_names())

@@ -136,7 +136,7 @@ class MiniLMStaged(StagedModel):
         return [4 * embed, *[4 * layer] * c.num_hidden_layers]
 
     def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
-        from ..planning.layers import model_layer_costs
+        from .layer_costs import model_layer_costs
 
         return model_layer_costs("minilm", batch_size, seq_len)
 

@@ -139,7 +139,7 @@ class OnnxStaged(StagedModel):
         return result
 
     def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
-        from ..planning.profile import profile_layers
+        from .profile import profile_layers
 
         g = self.graph()
         weights = self.weight_bytes()

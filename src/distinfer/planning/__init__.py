@@ -1,7 +1,7 @@
-"""Planning pipeline parallelism: measure a model's layers, then cut them into balanced stages.
+"""Planning pipeline parallelism: cut measured layers into balanced stages, pure.
 
-The planning core (`cuts`, `sizes`) is pure Python over frozen records; only `profile` touches
-torch, and only when it is installed.
+Plain Python over frozen records (`LayerCost` in, `PipelinePlan` out): no torch, no model
+code. The measurements come from each model family (`models/profile.py` times layers).
 """
 
 from distinfer.planning.cuts import (
@@ -12,7 +12,6 @@ from distinfer.planning.cuts import (
     explicit_cut,
     min_stages_for_memory,
 )
-from distinfer.planning.profile import measure_layers, module_bytes, profile_layers, tensor_bytes
 from distinfer.planning.sizes import format_bytes, parse_memory
 
 __all__ = [
@@ -22,10 +21,6 @@ __all__ = [
     "balanced_cut",
     "explicit_cut",
     "format_bytes",
-    "measure_layers",
     "min_stages_for_memory",
-    "module_bytes",
     "parse_memory",
-    "profile_layers",
-    "tensor_bytes",
 ]

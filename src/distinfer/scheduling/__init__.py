@@ -1,6 +1,6 @@
 """Deciding which worker runs which block: a pure state machine shared by all backends."""
 
-from distinfer.scheduling.events import (
+from distinfer.messages import (
     Action,
     Assign,
     BlockDone,

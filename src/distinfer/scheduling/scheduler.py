@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from distinfer.errors import ErrorInfo
-from distinfer.scheduling.events import (
+from distinfer.messages import (
     Action,
     Assign,
     BlockDone,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..messages import BackendName, Device, Strategy, TensorComm
 from ..models.registry import ModelSpec
 
 __all__ = ["ServeConfig", "served_name"]
@@ -30,17 +31,17 @@ class ServeConfig:
     max_body_bytes: int = 16 * 2**20  # larger request bodies get 413
     max_restarts: int = 10  # replacement replicas over the server's life
     start_timeout_s: float = 600.0  # no replica warm by then: give up
-    backend: str = "local"
+    backend: BackendName = "local"
     address: str | None = None
     worker_cpus: float = 1.0
     worker_gpus: float = 0.0
     worker_resources: dict[str, float] | None = None
-    device: str = "cpu"
-    strategy: str = "data"
+    device: Device = "cpu"
+    strategy: Strategy = "data"
     stages: int | None = None
     cuts: tuple[int, ...] | None = None
     tensor_parallel: int | None = None
-    tensor_comm: str = "auto"
+    tensor_comm: TensorComm = "auto"
     worker_memory: str | None = None
 
     def __post_init__(self) -> None:

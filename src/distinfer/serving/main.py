@@ -9,10 +9,10 @@ import signal
 import sys
 
 from ..backends import make_backend
+from ..driver.layout import plan_layout
 from ..errors import ConfigError, DistinferError
+from ..messages import WorkerSpec
 from ..models.registry import parse_model
-from ..runtime.messages import WorkerSpec
-from ..runtime.strategy import plan_layout
 from .config import ServeConfig, served_name
 
 __all__ = ["serve"]

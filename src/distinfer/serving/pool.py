@@ -14,12 +14,12 @@ import queue
 import threading
 from collections.abc import Callable
 
-from ..backends.base import Backend, WorkerGone
-from ..runtime.messages import InferBatch, WorkerMessage
+from ..backends.base import Backend
+from ..messages import InferBatch, WorkerMessage
 
 __all__ = ["ReplicaPool"]
 
-Items = list[WorkerMessage | WorkerGone]
+Items = list[WorkerMessage]
 
 
 class ReplicaPool:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends.base import Backend, WorkerGone
+from .. import messages as msg
+from ..backends.base import Backend
 from ..errors import ErrorInfo
 from ..models.base import Column, TensorInfo
-from ..runtime import messages as msg
 from .batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, row_size, signature
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -251,9 +251,9 @@ class InferenceServer:
                 self._failed(item)
             elif isinstance(item, msg.WorkerReady):
                 self._ready(item)
-            elif isinstance(item, msg.WorkerUnusable):
+            elif isinstance(item, msg.WorkerFailed):
                 self._unusable(item)
-            elif isinstance(item, WorkerGone):
+            elif isinstance(item, msg.WorkerLost):
                 self._gone(item)
         self.metrics.replicas_ready.set(self.ready_count())
         self._wake.set()
@@ -305,14 +305,14 @@ class InferenceServer:
         _log(f"replica {item.worker} ready (pid {item.pid} on {item.host}, warm after {item.load_s:.1f} s)")
         self._settle(item.worker)
 
-    def _unusable(self, item: msg.WorkerUnusable) -> None:
+    def _unusable(self, item: msg.WorkerFailed) -> None:
         self.replicas.pop(item.worker, None)
         _log(f"replica {item.worker} could not start: {item.error.message}")
         self._settle(item.worker)
         if not self.replicas:
             self._fail(f"no replica could start: {item.error.message}")
 
-    def _gone(self, item: WorkerGone) -> None:
+    def _gone(self, item: msg.WorkerLost) -> None:
         replica = self.replicas.pop(item.worker, None)
         if replica is None:
             return

@@ -44,7 +44,7 @@ from ..errors import ModelError
 from ..models.base import Batches, Column, GroupStats, Runner
 from ..models.sharding import AllReduce, tensor_parallel_problem
 from .collectives import CHUNK_BYTES, GroupLost, make_comm
-from .stage_links import host_label, peak_rss
+from .process import host_label, limit_threads, peak_rss
 
 __all__ = ["TensorParallelRunner"]
 
@@ -97,8 +97,6 @@ def _rank_main(
     model_name: str, kind: str, rank: int, world: int, threads: int, device: str,
     plan: tuple[Any, ...], control: Any, status: Any,
 ) -> None:
-    from .replica import limit_threads
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)
     dev = _rank_device(device, rank)

@@ -15,7 +15,8 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from ..backends import Backend, WorkerGone, make_backend
+from .. import messages as msg
+from ..backends import Backend, make_backend
 from ..config import RunConfig
 from ..data.blocks import Block
 from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
@@ -27,8 +28,6 @@ from ..scheduling import (
     Action,
     Assign,
     BlockDone,
-    BlockFailed,
-    BlockStarted,
     Cancel,
     Event,
     Finish,
@@ -41,8 +40,7 @@ from ..scheduling import (
     WorkerLost,
     WorkerReady,
 )
-from . import messages as msg
-from .strategy import plan_layout
+from .layout import plan_layout
 
 __all__ = ["run_job"]
 
@@ -169,28 +167,26 @@ class _Job:
 
     def _act(self, backend: Backend, action: Action) -> None:
         if isinstance(action, Assign):
-            backend.send(action.worker, msg.AssignBlock(self.blocks[action.block]))
+            backend.send(action.worker, msg.RunBlock(self.blocks[action.block]))
         elif isinstance(action, Cancel):
-            backend.send(action.worker, msg.CancelBlock(action.block))
+            backend.send(action.worker, action)
         elif isinstance(action, StartWorker):
             self.stats[action.worker] = WorkerStats(action.worker)
             backend.start(action.worker)
         elif isinstance(action, StopWorker):
             backend.stop(action.worker)
 
-    def _event(self, item: msg.WorkerMessage | WorkerGone) -> Event | None:
-        """Record what a message tells the report and turn it into a scheduler event."""
-        if isinstance(item, msg.BlockFinished):
-            if item.block_id not in self.manifest.committed:
-                self.manifest.committed[item.block_id] = item.rows
+    def _event(self, item: msg.WorkerMessage) -> Event | None:
+        """Record what a message tells the manifest and the report; the message itself is the
+        scheduler's event (serving answers, which a batch job never gets, are dropped)."""
+        if isinstance(item, BlockDone):
+            if item.block not in self.manifest.committed:
+                self.manifest.committed[item.block] = item.rows
                 self.report.rows += item.rows
                 if not self.report.first_block_s:
                     self.report.first_block_s = self._now()
             self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s, item.group)
-            return BlockDone(item.worker, item.block_id)
-        if isinstance(item, msg.BlockStarting):
-            return BlockStarted(item.worker, item.block_id)
-        if isinstance(item, msg.WorkerReady):
+        elif isinstance(item, WorkerReady):
             stats = self.stats[item.worker]
             stats.pid, stats.host, stats.load_s, stats.ready = item.pid, item.host, item.load_s, True
             if item.members:
@@ -198,16 +194,13 @@ class _Job:
                 stats.group = GroupSummary(kind, list(item.members))
             if not self.report.startup_s:
                 self.report.startup_s = self._now()
-            return WorkerReady(item.worker)
-        if isinstance(item, msg.BlockUnfinished):
-            return BlockFailed(item.worker, item.block_id, item.error)
-        if isinstance(item, msg.WorkerUnusable):
+        elif isinstance(item, WorkerFailed):
             self.stats[item.worker].not_ready = f"could not start: {item.error.message}"
-            return WorkerFailed(item.worker, item.error)
-        if not isinstance(item, WorkerGone):
-            return None  # serving answers; a batch job sends none
-        self.stats[item.worker].lost = item.reason
-        return WorkerLost(item.worker, item.reason)
+        elif isinstance(item, WorkerLost):
+            self.stats[item.worker].lost = item.reason
+        elif isinstance(item, msg.BatchDone | msg.BatchFailed):
+            return None
+        return item
 
 
 def run_job(

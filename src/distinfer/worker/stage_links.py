@@ -18,9 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import resource
 import signal
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -29,6 +27,7 @@ from typing import Any
 
 from ..errors import ModelError
 from ..models.staged import StagedModel
+from .process import host_label, limit_threads, peak_rss
 from .shm_channel import ShmChannel
 
 __all__ = [
@@ -57,21 +56,6 @@ class MemberFigures:
         return MemberFigures(busy, comm, self.rss, self.item_s)
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes. On Linux VmHWM, which counts from the
-    program's start: `ru_maxrss` of a spawned process starts at its parent's size at the
-    fork (a worker spawned by a 1 GiB driver would report 1 GiB before loading anything)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage if sys.platform == "darwin" else usage * 1024  # macOS reports bytes, Linux KiB
-
-
 def stage_device(device: str, index: int) -> str:
     """Stage `index`'s device: with several GPUs, stages go round-robin over them."""
     if device != "cuda":
@@ -80,12 +64,6 @@ def stage_device(device: str, index: int) -> str:
 
     count = torch.cuda.device_count()
     return f"cuda:{index % count}" if count > 1 else "cuda"
-
-
-def host_label() -> str:
-    import socket
-
-    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 class StageLinks(ABC):
@@ -119,8 +97,6 @@ def _stage_main(
     staged: StagedModel, start: int, stop: int, threads: int, device: str,
     inbox: ShmChannel, outbox: ShmChannel, status: Any,
 ) -> None:
-    from .replica import limit_threads
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)
     try:
@@ -228,8 +204,6 @@ class RayStage:
     """Stage k of a pipeline, as a Ray actor."""
 
     def __init__(self, staged: StagedModel, start: int, stop: int, threads: int, device: str) -> None:
-        from .replica import limit_threads
-
         limit_threads(threads)
         self.stage = staged.build_stage(start, stop, device, threads)
         self.busy = self.comm = 0.0

@@ -31,15 +31,14 @@ from typing import Any
 import numpy as np
 
 from ..models.base import Batches, Column, GroupStats, Runner
+from ..models.profile import tensor_bytes
 from ..models.staged import StagedModel
-from ..planning.profile import tensor_bytes
+from .process import host_label, peak_rss
 from .stage_links import (
     DEFAULT_SLOT_BYTES,
     MemberFigures,
     StageLinks,
     StageLost,
-    host_label,
-    peak_rss,
     stage_device,
     start_links,
 )

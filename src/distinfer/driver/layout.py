@@ -107,7 +107,7 @@ def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[tuple[int, i
 
         problem = tensor_parallel_problem(model.name, model.kind, config.tensor_parallel or 2)
         if problem is None and config.backend == "local":  # Ray's GPUs are on its nodes, not here
-            from .tensor import resolve_comm
+            from ..worker.tensor import resolve_comm
 
             problem = resolve_comm(config.device, config.tensor_parallel or 2, config.tensor_comm)[1]
         if problem:

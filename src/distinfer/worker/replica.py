@@ -19,28 +19,12 @@ from ..data.blocks import Block
 from ..data.sink import write_part
 from ..data.sources import SourceSpec, describe_row, read_block
 from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError
+from ..messages import BatchDone, BatchFailed, BlockDone, InferBatch, WorkerReady, WorkerSpec
 from ..models.base import Column, Runner, StageTimer, TensorInfo, run_block
 from ..models.registry import load_runner
-from .messages import BatchDone, BatchFailed, BlockFinished, InferBatch, WorkerReady, WorkerSpec
+from .process import limit_threads
 
 __all__ = ["Replica", "error_info", "limit_threads"]
-
-
-def limit_threads(threads: int) -> None:
-    """Pin every math library of this process to `threads` threads, before they load."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(threads)
-    if torch.get_num_interop_threads() != 1:
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set once in this process
-            pass
 
 
 def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
@@ -104,7 +88,7 @@ class Replica:
         _check_rows(outputs, rows)
         return outputs
 
-    def run(self, block: Block, waited_s: float = 0.0) -> BlockFinished:
+    def run(self, block: Block, waited_s: float = 0.0) -> BlockDone:
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
         assert self.spec.source is not None, "a serving replica runs no blocks"
@@ -120,7 +104,7 @@ class Replica:
         _check_rows(outputs, block.rows)
         write_part(self.spec.output_dir, block.id, rows, outputs)
         timer.add("write", t)
-        return BlockFinished(
+        return BlockDone(
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
             self.runner.group_stats(),
         )

@@ -1,0 +1,282 @@
+"""The one vocabulary of a job and a server: what crosses the process boundary between the
+driver and a worker, and what the pure scheduler and supervisor are told and asked.
+
+Everything here is a small frozen dataclass; errors travel as `ErrorInfo`, never as lost
+tracebacks. The same records serve both sides of the wire and the scheduler, so a backend
+passes what a worker says straight on (no translation layer):
+
+    events (worker or backend -> driver -> scheduler):
+        WorkerReady  WorkerFailed  WorkerLost  BlockStarted  BlockDone  BlockFailed  Tick
+        BatchDone  BatchFailed                                    (serving answers)
+    actions (scheduler -> driver -> backend):
+        Assign  Cancel  StartWorker  StopWorker  Finish
+    orders (driver -> worker, over the wire):
+        RunBlock (an Assign with the block's descriptor)  Cancel  StopWorker  InferBatch
+
+`WorkerLost` is made by a backend (a process exited, an actor died), never sent by the worker
+itself; `Tick` is made by the driver's loop. Only ids travel in scheduler events and actions;
+the payloads (rows, timings, a model's inputs) ride along with defaults, so that the
+scheduler's unit tests write `BlockDone(0, 3)`.
+
+This module imports nothing heavy at run time (the annotations are for type checkers), so
+the pure scheduler can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from .errors import ErrorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .data.blocks import Block
+    from .data.sources import SourceSpec
+    from .models.family import ModelSpec
+
+__all__ = [
+    "Action",
+    "Assign",
+    "BackendName",
+    "BatchDone",
+    "BatchFailed",
+    "BlockDone",
+    "BlockFailed",
+    "BlockStarted",
+    "Cancel",
+    "Device",
+    "Event",
+    "Finish",
+    "GroupStats",
+    "InferBatch",
+    "Order",
+    "RunBlock",
+    "StartWorker",
+    "StopWorker",
+    "Strategy",
+    "TensorComm",
+    "TensorInfo",
+    "Tick",
+    "WorkerFailed",
+    "WorkerLost",
+    "WorkerMessage",
+    "WorkerReady",
+    "WorkerSpec",
+]
+
+Strategy: TypeAlias = Literal["data", "pipeline", "tensor"]  # how one replica holds the model
+BackendName: TypeAlias = Literal["local", "ray"]  # where replicas run
+Device: TypeAlias = Literal["cpu", "cuda"]
+TensorComm: TypeAlias = Literal["auto", "shm", "gloo", "nccl"]  # how tensor-parallel ranks talk
+StageTransport: TypeAlias = Literal["local", "ray"]  # how pipeline stages are linked
+
+
+# --- records carried by messages ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A model input or output: `dtype` a numpy dtype string ("<f4") or "text"; `shape` with
+    -1 for a dimension of any size, the first (rows) always -1."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """What the processes of one replica group (pipeline stages or tensor-parallel ranks)
+    did while it ran one block's batches; lists hold one entry per member, in order."""
+
+    kind: Literal["stage", "rank"]
+    wall_s: float  # the block's forward_many, start to end
+    micro_batches: int
+    busy_s: tuple[float, ...]  # computing layers
+    comm_s: tuple[float, ...]  # moving activations: queue put/get, broadcasts, all-reduces
+    peak_rss: tuple[int, ...]  # bytes, the member process's peak resident memory so far
+    bubble_s: float = 0.0  # pipeline: stage-seconds idle while the block's pipeline filled and drained
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs to load its model and do blocks (or serve batches); sent once at start."""
+
+    model: ModelSpec
+    source: SourceSpec | None  # None when serving: rows arrive in InferBatch messages
+    column: str | None
+    output_dir: str
+    batch_size: int
+    threads: int
+    device: Device = "cpu"
+    strategy: Strategy = "data"
+    stages: tuple[tuple[int, int], ...] = ()  # pipeline: layer range of each stage
+    tensor_parallel: int = 1  # tensor: ranks per replica
+    tensor_comm: TensorComm = "auto"  # tensor: how ranks exchange tensors (worker/collectives.py)
+    stage_transport: StageTransport = "local"  # pipeline: "local" child processes or "ray" actors
+    stage_slot_bytes: int = 0  # pipeline, local: each shared activation buffer (0: the default)
+    stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
+    serving: bool = False  # warm the model up and describe its inputs and outputs before ready
+
+
+# --- events: worker or backend -> driver -> scheduler --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """The worker has loaded its model and can take blocks (or batches)."""
+
+    worker: int
+    pid: int = 0
+    host: str = ""
+    load_s: float = 0.0  # from the worker's entry to a loaded model (imports included)
+    members: tuple[str, ...] = ()  # a group's stages or ranks: where each runs
+    inputs: tuple[TensorInfo, ...] = ()  # serving: what the model takes (from the warm-up)
+    outputs: tuple[TensorInfo, ...] = ()  # serving: what it returned for the warm-up rows
+    pads_batches: bool = True  # serving: the model pays for padding (`Runner.pads_batches`)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed:
+    """The worker could not start (model failed to load, bad column binding); it may still be
+    alive, so it is stopped."""
+
+    worker: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """The worker's process died or its actor was lost (made by the backend)."""
+
+    worker: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStarted:
+    """The worker began computing the block; from now on the block cannot be stolen."""
+
+    worker: int
+    block: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDone:
+    """The worker finished the block and its output part is written."""
+
+    worker: int
+    block: int
+    rows: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage of the worker's loop
+    elapsed_s: float = 0.0  # since the worker became ready
+    group: GroupStats | None = None  # pipeline stages / tensor ranks, this block
+
+
+@dataclass(frozen=True, slots=True)
+class BlockFailed:
+    """The block raised on the worker; a fatal error fails the job, another is retried. The
+    worker (and its whole group) is still up and takes the next block."""
+
+    worker: int
+    block: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    """Serving: the outputs of an `InferBatch`, one row per input row, in order."""
+
+    worker: int
+    batch_id: int
+    outputs: dict[str, np.ndarray]
+    busy_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailed:
+    """Serving: an `InferBatch` raised; the replica is still up."""
+
+    worker: int
+    batch_id: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed; lets the scheduler notice timeouts when nothing else happens."""
+
+
+Event: TypeAlias = WorkerReady | BlockStarted | BlockDone | BlockFailed | WorkerLost | WorkerFailed | Tick
+WorkerMessage: TypeAlias = (
+    WorkerReady | WorkerFailed | WorkerLost | BlockStarted | BlockDone | BlockFailed | BatchDone | BatchFailed
+)
+"""What `Backend.receive` returns: what workers said, and the losses the backend saw."""
+
+
+# --- actions: scheduler -> driver -> backend -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Append the block to the worker's queue (the driver sends it as a `RunBlock`)."""
+
+    worker: int
+    block: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Take a queued block back from the worker; a worker that already started it may finish
+    it. Sent to the worker as it is."""
+
+    worker: int
+    block: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    """Start a (replacement) worker under this new id."""
+
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    """Shut the worker down. Sent to a local worker as it is; a Ray actor is killed."""
+
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The job is over: `error` is None on success. Always the last action the scheduler emits."""
+
+    error: ErrorInfo | None
+
+
+Action: TypeAlias = Assign | Cancel | StartWorker | StopWorker | Finish
+
+
+# --- orders: driver -> worker ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunBlock:
+    """Queue this block on the worker: its rows are read, run and written by the worker."""
+
+    block: Block
+
+
+@dataclass(frozen=True, slots=True)
+class InferBatch:
+    """Serving: run these rows (keyed by model input) now; answered by BatchDone or BatchFailed."""
+
+    batch_id: int
+    inputs: dict[str, Any]  # model input -> a column (list of str or numpy array)
+
+
+Order: TypeAlias = RunBlock | Cancel | InferBatch
+"""What `Backend.send` delivers to a worker."""

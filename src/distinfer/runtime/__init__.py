@@ -1,1 +1,0 @@
-"""Worker-side runtime: the replica, its messages, and the driver loop."""
