@@ -87,16 +87,14 @@ def _median_latency(runner: Any, batch: Any, repeats: int) -> float:
 
 
 def latencies(model: str, lines: list[str], batch_size: int, repeats: int) -> dict[str, float]:
-    from distinfer.models.registry import load_runner, parse_model
-    from distinfer.models.staged import staged_model
+    from distinfer.models import load_runner, parse_model
     from distinfer.planning import balanced_cut
     from distinfer.worker.pipeline import PipelineRunner
     from distinfer.worker.tensor import TensorParallelRunner
 
     spec = parse_model(model)
     texts = {"text": lines[:batch_size]}
-    staged = staged_model(spec.name, spec.kind)
-    assert staged is not None
+    staged = spec.family.staged(spec)
     # The same rows as one batch for every runner: the stages' longest-first batch of the block
     # (rows of near-equal length, so the whole model, which runs batches packed, does no less work).
     batch = staged.preparer("cpu").prepare(texts, batch_size).batches[0]
@@ -107,7 +105,7 @@ def latencies(model: str, lines: list[str], batch_size: int, repeats: int) -> di
     pipe = PipelineRunner(staged, tuple((s.start, s.stop) for s in cut.stages), 1)
     out["pipeline"] = _median_latency(pipe, batch, repeats)
     pipe.close()
-    tensor = TensorParallelRunner(spec.name, spec.kind, 2, 1)
+    tensor = TensorParallelRunner(spec, 2, 1)
     out["tensor"] = _median_latency(tensor, batch, repeats)
     tensor.close()
     return out

@@ -71,7 +71,7 @@ def bench(
     in this process with `threads` threads: the baseline for the scaling efficiency."""
     from .data.sources import open_source, plan_blocks
     from .models.base import StageTimer, run_block
-    from .models.registry import load_runner, parse_model
+    from .models.families import load_runner, parse_model
     from .worker.process import limit_threads
     from .worker.replica import read_inputs
 

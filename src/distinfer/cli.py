@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import ConfigError, DistinferError
+from .logs import log_to_stderr
 
 __all__ = ["main"]
 
@@ -157,17 +158,12 @@ def _plan_parser(sub: Any) -> None:
 
 def _cmd_plan(args: dict[str, Any]) -> int:
     from .driver.layout import RUNTIME_RESERVE, choose_plan, usable_memory
-    from .errors import ModelError
-    from .models.registry import parse_model
-    from .models.staged import staged_model
+    from .models.families import parse_model
     from .planning import format_bytes
 
     limit = usable_memory(args["worker_memory"])
     spec = parse_model(args["model"])
-    staged = staged_model(spec.name, spec.kind)
-    if staged is None:
-        raise ModelError(f"cannot cut '{spec.name}' into pipeline stages")
-    costs = staged.layer_costs(args["batch_size"], args["seq_len"])
+    costs = spec.family.layer_costs(spec, args["batch_size"], args["seq_len"])
     names = [c.name for c in costs]
     plan = choose_plan(costs, args["stages"], args["cuts"], limit)
     total = sum(c.weight_bytes for c in costs)
@@ -191,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _bench_parser(sub)
     _plan_parser(sub)
-    sub.add_parser("models", help="list the built-in models")
+    sub.add_parser("models", help="list the model families (built-in models, ONNX files, PyTorch models)")
     return parser
 
 
@@ -204,6 +200,7 @@ def _cmd_run(args: dict[str, Any]) -> int:
         options.update(load_job_file(args.pop("config")))
     if "worker_resources" in args:
         args["worker_resources"] = dict(args["worker_resources"])
+    options.setdefault("progress", None)  # the CLI draws a bar on a terminal; the API does not
     options.update(args)
     report = run(RunConfig.build(options))
     print(report.summary(), file=sys.stderr)
@@ -237,6 +234,7 @@ def _cmd_bench(args: dict[str, Any]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    log_to_stderr()  # the pipeline cut, a server's life: "distinfer: ..." lines
     command = args.pop("command")
     debug = bool(args.pop("debug", False))
     try:
@@ -248,10 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if command == "plan":
             return _cmd_plan(args)
-        from .models.registry import ZOO
+        from .models.families import FAMILIES
 
-        for name, text in ZOO.items():
-            print(f"{name:10s} {text}")
+        for family in FAMILIES:
+            print(f"{family.name:10s} {family.summary}")
         return 0
     except KeyboardInterrupt:
         print("distinfer: interrupted; run the same command again to resume", file=sys.stderr)

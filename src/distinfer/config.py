@@ -51,7 +51,7 @@ class RunConfig:
     max_restarts: int = 3
     start_timeout_s: float = 600.0
     baseline_throughput: float | None = None  # rows/s of one worker, for the efficiency figure
-    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    progress: bool | None = False  # None: a progress bar when stderr is a terminal (the CLI's default)
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):

@@ -3,7 +3,8 @@ HTTP app and the batcher are tested fast and deterministically (no model, no pro
 
 The fake model takes text and returns `length` (int64, characters per row) and `pair`
 (float32, [length, batch rows]); a row "boom" makes its whole batch fail with a
-ModelInputError, as a bad row would."""
+ModelInputError, as a bad row would. Replicas named in `hang` never become ready; those in
+`fail` report WorkerFailed with that error; `stopped` records the backend's stop calls."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,17 +30,24 @@ OUTPUTS = (TensorInfo("length", "<i8", (-1,)), TensorInfo("pair", "<f4", (-1, 2)
 
 
 class FakeBackend(Backend):
-    def __init__(self, batch_s: float = 0.0) -> None:
+    def __init__(self, batch_s: float = 0.0, hang: Iterable[int] = (),
+                 fail: Mapping[int, ErrorInfo] | None = None) -> None:
         self.batch_s = batch_s
+        self.hang = set(hang)
+        self.fail = dict(fail or {})
         self.events: queue.Queue[Any] = queue.Queue()
         self.started: list[int] = []
+        self.stopped: list[int] = []
         self.batches: list[tuple[int, list[str]]] = []  # (worker, texts) as they arrived
         self.dead: set[int] = set()
         self.lock = threading.Lock()
 
     def start(self, worker: int) -> None:
         self.started.append(worker)
-        self.events.put(msg.WorkerReady(worker, 1000 + worker, "fake", 0.0, (), INPUTS, OUTPUTS))
+        if worker in self.fail:
+            self.events.put(msg.WorkerFailed(worker, self.fail[worker]))
+        elif worker not in self.hang:
+            self.events.put(msg.WorkerReady(worker, 1000 + worker, "fake", 0.0, (), INPUTS, OUTPUTS))
 
     def send(self, worker: int, message: Any) -> None:
         assert isinstance(message, msg.InferBatch)
@@ -79,6 +87,7 @@ class FakeBackend(Backend):
         return items
 
     def stop(self, worker: int) -> None:
+        self.stopped.append(worker)
         self.dead.add(worker)
 
     def close(self) -> None:

@@ -113,3 +113,24 @@ class _DataDependent(nn.Module):
 def data_dependent() -> nn.Module:
     """Python control flow on tensor values: torch.fx cannot trace it."""
     return _DataDependent().eval()
+
+
+class _Guarded(nn.Module):
+    """deep_mlp between two guards that torch.fx traces (`torch._assert`, raising AssertionError
+    at run time): the first layer refuses a batch with an infinite input, the last a batch whose
+    result holds NaN (a NaN input row gives one). Cut into stages, the first guard is in stage 0,
+    the second in the last stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = deep_mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(~torch.isinf(x).any(), "an input row holds inf")
+        y: torch.Tensor = self.inner(x)
+        torch._assert(~torch.isnan(y).any(), "a result row is NaN")
+        return y
+
+
+def guarded_mlp() -> nn.Module:
+    return _Guarded().eval()

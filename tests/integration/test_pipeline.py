@@ -3,6 +3,7 @@ the output equals the unsplit model; the memory-limit refusal for data paralleli
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ def reference(model: str, lines: list[str]) -> dict[str, np.ndarray]:
         "minilm-3-stages"])
 def test_pipeline_equals_the_unsplit_model(
     small_corpus: Path, tmp_path: Path, corpus_lines: list[str], model: str,
-    workers: int, stages: int | None, cuts: tuple[int, ...] | None, capfd: pytest.CaptureFixture[str],
+    workers: int, stages: int | None, cuts: tuple[int, ...] | None, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
+    caplog.set_level(logging.INFO, logger="distinfer")  # the API logs the cut, and prints nothing
     out = tmp_path / "out"
     report = distinfer.run(model=model, input=str(small_corpus), output=str(out), workers=workers,
                            strategy="pipeline", stages=stages, cuts=cuts, batch_size=16, block_size=128)
@@ -52,7 +55,8 @@ def test_pipeline_equals_the_unsplit_model(
         torch.testing.assert_close(torch.tensor(got[name], dtype=torch.from_numpy(value).dtype),
                                    torch.from_numpy(value))
     p = len(cuts) + 1 if cuts else stages
-    assert f"pipeline of {p} stages for {model}" in capfd.readouterr().err
+    assert f"pipeline of {p} stages for {model}" in caplog.text
+    assert "pipeline of" not in capfd.readouterr().err
     # The report shows what each stage did: busy and communication time, peak memory, the bubble.
     for w in report.worker_stats:
         assert w.group is not None and w.group.kind == "stage" and len(w.group.members) == p

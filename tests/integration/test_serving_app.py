@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +16,8 @@ import requests
 from fake_serving import FakeBackend, Running, fake_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from distinfer.errors import ErrorInfo
 
 INFER = "/v2/models/fake/infer"
 
@@ -167,6 +169,93 @@ def test_a_lost_replica_is_replaced_and_its_requests_retried_once_elsewhere() ->
         assert backend.started == [0, 1, 2]  # the replacement
         ready = requests.get(s.url + "/v2/health/ready", timeout=10).json()
         assert ready["replicas_ready"] == 2
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll until `check()` holds (the replicas' thread and the loop run on their own)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def later(s: Running, seconds: float) -> None:
+    """Feed the server's supervisor a Tick `seconds` ahead of its loop's clock (no waiting)."""
+    s.call(lambda: s.server.tick(s.loop.time() + seconds))
+
+
+def test_an_unusable_replica_is_stopped_at_once_and_replaced() -> None:
+    backend = FakeBackend(fail={1: ErrorInfo("RuntimeError", "CUDA init failed", fatal=False)})
+    with fake_server(backend) as s:
+        wait_until(lambda: s.call(s.server.ready_count) == 2, "the replacement")
+        assert backend.stopped == [1] and backend.started == [0, 1, 2]  # stopped before the next start
+        assert s.call(lambda: s.server.restarts) == 1
+        assert requests.post(s.url + INFER, json=body(["ok"]), timeout=10).status_code == 200
+
+
+def test_a_replica_with_a_fatal_error_is_stopped_and_not_replaced() -> None:
+    backend = FakeBackend(fail={1: ErrorInfo("ModelError", "cannot load the model", fatal=True)})
+    with fake_server(backend) as s:
+        wait_until(lambda: backend.stopped == [1], "the stop")
+        assert s.call(s.server.is_ready) and s.call(s.server.ready_count) == 1
+        assert backend.started == [0, 1] and s.call(lambda: s.server.restarts) == 0
+        assert requests.post(s.url + INFER, json=body(["ok"]), timeout=10).status_code == 200
+
+
+def test_the_server_fails_when_no_replica_can_start() -> None:
+    fatal = ErrorInfo("ModelError", "cannot load the model", fatal=True)
+    backend = FakeBackend(fail={0: fatal, 1: fatal})
+    with fake_server(backend, ready_timeout=0) as s:
+        wait_until(lambda: s.call(lambda: s.server.failed) is not None, "the failure")
+        assert s.call(lambda: s.server.failed) == "no replica could start: cannot load the model"
+        wait_until(lambda: sorted(backend.stopped) == [0, 1], "the stops")
+        assert backend.started == [0, 1]
+
+
+def test_a_replacement_that_never_warms_up_is_stopped_after_the_start_timeout_and_replaced() -> None:
+    backend = FakeBackend(hang={2})
+    with fake_server(backend) as s:
+        backend.kill(0)
+        wait_until(lambda: backend.started == [0, 1, 2], "the replacement's start")
+        later(s, 500)  # not yet
+        assert backend.stopped == [] and s.call(lambda: s.server.restarts) == 1
+        later(s, 601)
+        wait_until(lambda: s.call(s.server.ready_count) == 2, "the second replacement")
+        assert backend.stopped == [2] and backend.started == [0, 1, 2, 3]
+        assert s.call(lambda: s.server.restarts) == 2
+        assert requests.post(s.url + INFER, json=body(["ok"]), timeout=10).status_code == 200
+
+
+def test_a_first_replica_that_never_warms_up_is_replaced_and_the_server_starts() -> None:
+    backend = FakeBackend(hang={1})
+    with fake_server(backend, ready_timeout=0) as s:
+        wait_until(lambda: s.call(s.server.ready_count) == 1, "replica 0")
+        assert not s.call(s.server.is_ready)  # replica 1 has not settled
+        later(s, 601)
+        wait_until(lambda: s.call(s.server.ready_count) == 2, "the replacement")
+        assert s.call(s.server.is_ready) and backend.stopped == [1] and backend.started == [0, 1, 2]
+
+
+def test_the_server_fails_when_no_replica_is_ever_warm() -> None:
+    backend = FakeBackend(hang={0, 1})
+    with fake_server(backend, ready_timeout=0) as s:
+        wait_until(lambda: backend.started == [0, 1], "the starts")
+        later(s, 500)
+        assert s.call(lambda: s.server.failed) is None
+        later(s, 600)
+        assert s.call(lambda: s.server.failed) == "no replica was warm after 600 s (--start-timeout)"
+        assert s.server.stopped.is_set() and backend.stopped == [] and s.call(lambda: s.server.restarts) == 0
+
+
+def test_the_server_fails_when_its_last_replica_is_lost_and_no_replacement_is_allowed() -> None:
+    backend = FakeBackend()
+    with fake_server(backend, replicas=1, max_restarts=0) as s:
+        backend.kill(0)
+        wait_until(lambda: s.call(lambda: s.server.failed) is not None, "the failure")
+        assert s.call(lambda: s.server.failed) == (
+            "every replica was lost and no replacement is allowed (--max-restarts 0): "
+            "worker 0 was killed by SIGKILL")
+        assert backend.started == [0]
 
 
 def test_a_bad_row_fails_only_its_own_request() -> None:

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from distinfer.errors import ModelError
+from distinfer.models import ModelSpec, parse_model
 from distinfer.models.base import Runner, StageTimer, run_block
 from distinfer.models.decoder import DecoderRunner
+from distinfer.models.families.onnx_file import OnnxFamily
 from distinfer.models.minilm import MiniLMRunner
 from distinfer.worker.tensor import TensorParallelRunner
 
@@ -34,7 +36,7 @@ def single(name: str) -> Runner:
                                         ("decoder-tiny", "gloo")], ids=lambda p: "-".join(p))
 def runner(request: pytest.FixtureRequest) -> Iterator[tuple[str, TensorParallelRunner]]:
     name, comm = request.param
-    tp = TensorParallelRunner(name, "minilm" if name == "minilm" else "decoder", 2, 1, comm=comm)
+    tp = TensorParallelRunner(parse_model(name), 2, 1, comm=comm)
     yield name, tp
     tp.close()
     assert not any(proc.is_alive() for proc in tp._procs)
@@ -64,20 +66,21 @@ def test_two_ranks_equal_the_whole_model(runner: tuple[str, TensorParallelRunner
 
 def test_models_that_cannot_be_sharded_are_refused_before_any_process_starts() -> None:
     with pytest.raises(ModelError, match=r"8 attention heads .* --tensor-parallel 3 does not divide both"):
-        TensorParallelRunner("decoder-small", "decoder", 3, 1)
+        TensorParallelRunner(parse_model("decoder-small"), 3, 1)
     with pytest.raises(ModelError, match="runs with --strategy data or pipeline"):
-        TensorParallelRunner("model.onnx", "onnx", 2, 1)
+        TensorParallelRunner(ModelSpec("model.onnx", OnnxFamily()), 2, 1)
     if torch.cuda.device_count() < 2:
         with pytest.raises(ModelError, match=r"puts each rank on a GPU of its own, but this machine has \d"):
-            TensorParallelRunner("decoder-tiny", "decoder", 2, 1, device="cuda")
+            TensorParallelRunner(parse_model("decoder-tiny"), 2, 1, device="cuda")
 
 
 _VICTIM = """
 import sys
 from distinfer.models.base import StageTimer, run_block
+from distinfer.models import parse_model
 from distinfer.worker.tensor import TensorParallelRunner
 
-tp = TensorParallelRunner("decoder-tiny", "decoder", 2, 1, comm=sys.argv[1])
+tp = TensorParallelRunner(parse_model("decoder-tiny"), 2, 1, comm=sys.argv[1])
 print(tp._procs[0].pid, flush=True)
 while True:
     run_block(tp, {"text": ["In the beginning God created the heaven and the earth."] * 32}, 8, StageTimer())

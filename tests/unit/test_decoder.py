@@ -162,9 +162,12 @@ def test_runner_rejects_bad_inputs() -> None:
         runner.prepare({"text": np.zeros((2, 3))}, 8)
     with pytest.raises(ModelInputError, match="integer array"):
         runner.prepare({"text": np.zeros(3, dtype=np.int64)}, 8)
-    for bad in ([[1, -1, 2]], [[-1, -1]], [[1, 300]]):
-        with pytest.raises(ModelInputError, match="row 0 of the token ids"):
-            runner.prepare({"text": np.array(bad)}, 8)
+    for bad in ([[5, 6], [1, -1, 2]], [[5, 6], [-1, -1]], [[5, 6], [1, 300]]):
+        rows = np.array([row + [-1] * (3 - len(row)) for row in bad])
+        # The bad row travels as data (`row`); the worker names its absolute input row once.
+        with pytest.raises(ModelInputError, match=r"the token ids are not 1\+ ids") as caught:
+            runner.prepare({"text": rows}, 8)
+        assert caught.value.row == 1
     long = runner.prepare({"text": np.ones((1, 40), dtype=np.int64)}, 8)
     assert long.batches[0][0].shape == (1, 16)
 

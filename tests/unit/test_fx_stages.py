@@ -14,9 +14,9 @@ import torch
 import toy_models
 
 from distinfer.errors import ModelError, ModelInputError
+from distinfer.models import parse_model
 from distinfer.models.fx_stages import TracedStaged
 from distinfer.models.profile import module_bytes
-from distinfer.models.staged import staged_model
 from distinfer.models.torch_runner import TorchRunner
 
 ROWS = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
@@ -104,7 +104,8 @@ def test_untraceable_model_is_refused_in_one_line() -> None:
 def test_torchscript_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "mlp.pt"
     torch.jit.save(torch.jit.script(toy_models.mlp()), str(path))
-    staged = staged_model(str(path), "torch")
+    spec = parse_model(str(path))
+    staged = spec.family.staged(spec)
     assert isinstance(staged, TracedStaged)
     with pytest.raises(ModelError, match=r"cannot cut TorchScript model '.*mlp\.pt' into stages; save it with torch\.export"):
         staged.layer_names()

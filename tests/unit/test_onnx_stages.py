@@ -17,9 +17,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from distinfer import ModelError, ModelInputError
+from distinfer.models import parse_model
 from distinfer.models.onnx_runner import OnnxRunner
 from distinfer.models.onnx_stages import OnnxStage, OnnxStaged
-from distinfer.models.staged import staged_model
 from distinfer.planning.onnx_graph import GraphCuts, GraphNode
 
 
@@ -216,7 +216,8 @@ def test_a_stage_without_the_drivers_files_extracts_its_own(models: dict[str, tu
 
 
 def test_too_many_stages_are_refused(models: dict[str, tuple[Path, dict[str, np.ndarray]]]) -> None:
-    staged = staged_model(str(models["late"][0]), "onnx")
+    spec = parse_model(str(models["late"][0]))
+    staged = spec.family.staged(spec)
     assert isinstance(staged, OnnxStaged)
     n = len(staged.layer_names())
     with pytest.raises(ModelError, match=rf"has {n} layers .* too few for {n + 1} stages"):

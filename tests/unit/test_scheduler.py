@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distinfer.errors import ErrorInfo
+from distinfer.errors import ErrorInfo, JobFailedError, WorkersNotReadyError
 from distinfer.scheduling import (
     Action,
     Assign,
@@ -69,6 +69,8 @@ def check_invariants(sched: Scheduler) -> None:
     assert len(queued) + sched.pending_blocks + sched.done_blocks == sched.total_blocks
     for w in sched.live_workers:
         assert len(sched.queue(w)) <= sched.config.prefetch
+    if not sched.finished:  # one queue per worker the supervisor holds, in start order
+        assert sched.live_workers == sched.supervisor.live_workers
 
 
 FATAL = ErrorInfo("ModelInputError", "column 'text' is missing", fatal=True)
@@ -554,6 +556,52 @@ def test_start_timeout_does_not_fire_while_a_worker_is_ready() -> None:
     assert sched.handle(WorkerLost(0, "x"), 1000.0) == [StartWorker(2)]
     assert sched.handle(Tick(), 1059.0) == []
     assert isinstance(sched.handle(Tick(), 1060.0)[-1], Finish)
+
+
+def test_start_timeout_finishes_with_a_workers_not_ready_error() -> None:
+    sched = make(4, workers=[0, 1], start_timeout_s=60.0)
+    finish = sched.handle(Tick(), 60.0)[-1]
+    assert isinstance(finish, Finish) and finish.error is not None
+    assert finish.error.kind == "WorkersNotReadyError" and finish.error.fatal
+    exc = finish.error.to_exception()
+    assert isinstance(exc, WorkersNotReadyError) and isinstance(exc, JobFailedError)
+    assert str(exc).startswith("no worker became ready within 60 s;")
+
+
+def test_a_replacement_that_never_becomes_ready_is_stopped_and_replaced() -> None:
+    sched = make(4, workers=[0, 1], start_timeout_s=60.0)
+    feed(sched, WorkerReady(0), WorkerReady(1), now=1.0)
+    assert sched.handle(WorkerLost(1, "killed"), 100.0) == [StartWorker(2)]
+    assert sched.handle(Tick(), 159.9) == []
+    assert sched.handle(Tick(), 160.0) == [StopWorker(2), StartWorker(3)]
+    assert sched.live_workers == (0, 3) and sched.restarts_used == 2
+    assert sched.handle(WorkerReady(2), 161.0) == []  # late: it was stopped
+    assert sched.handle(WorkerReady(3), 170.0) == [Assign(3, 2), Assign(3, 3)]
+    check_invariants(sched)
+
+
+def test_a_timed_out_replacement_that_was_the_last_worker_fails_the_job() -> None:
+    sched = make(4, workers=[0, 1], start_timeout_s=60.0, max_restarts=1)
+    feed(sched, WorkerReady(0), WorkerReady(1), now=1.0)
+    assert sched.handle(WorkerLost(1, "killed"), 10.0) == [StartWorker(2)]
+    assert sched.handle(WorkerLost(0, "killed too"), 50.0) == []  # the budget is spent
+    actions = sched.handle(Tick(), 70.0)  # 2's own start ran out before the job's clock (110)
+    assert actions[0] == StopWorker(2)
+    finish = actions[-1]
+    assert isinstance(finish, Finish) and finish.error is not None
+    assert finish.error.message.startswith(
+        "all workers were lost (last: worker 2 was not ready 60 s after its start)"
+    )
+
+
+def test_failures_that_end_the_job_start_no_replacement() -> None:
+    poisoned = make(2, workers=[0, 1], max_block_attempts=1)
+    feed(poisoned, WorkerReady(0))
+    assert isinstance(feed(poisoned, WorkerLost(0, "killed"))[-1], Finish)
+    assert poisoned.restarts_used == 0
+    fatal = make(2, workers=[0, 1])
+    assert isinstance(feed(fatal, WorkerFailed(1, FATAL))[-1], Finish)
+    assert fatal.restarts_used == 0
 
 
 # --- simulated jobs ----------------------------------------------------------------------

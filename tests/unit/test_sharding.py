@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from distinfer.models import FAMILIES, ModelSpec
 from distinfer.models.bert import BertConfig, _Layer, load_bert
 from distinfer.models.decoder import DecoderConfig, DecoderStage, _Block, build_layer, decoder_config
 from distinfer.models.minilm import minilm_path
@@ -22,7 +23,6 @@ from distinfer.models.sharding import (
     ShardedDecoderBlock,
     layer_reader,
     shard_range,
-    tensor_parallel_problem,
 )
 
 
@@ -179,7 +179,7 @@ def test_sharded_bert_reads_slices_and_equals_the_whole_encoder() -> None:
     ],
 )
 def test_refusals_say_why_and_what_instead(name: str, kind: str, world: int, message: str) -> None:
-    problem = tensor_parallel_problem(name, kind, world)
+    problem = _shard_problem(name, kind, world)
     assert problem is not None and message in problem
     assert "\n" not in problem
 
@@ -187,4 +187,10 @@ def test_refusals_say_why_and_what_instead(name: str, kind: str, world: int, mes
 @pytest.mark.parametrize(("name", "kind", "world"), [("decoder-tiny", "decoder", 4), ("decoder-2b", "decoder", 5),
                                                      ("minilm", "minilm", 6)])
 def test_shardable_models_have_no_problem(name: str, kind: str, world: int) -> None:
-    assert tensor_parallel_problem(name, kind, world) is None
+    assert _shard_problem(name, kind, world) is None
+
+
+def _shard_problem(name: str, kind: str, world: int) -> str | None:
+    """The family's answer for a model name, parsed or not (an unknown size is its problem too)."""
+    family = next(f for f in FAMILIES if f.name == kind)
+    return family.shard_problem(ModelSpec(name, family), world)

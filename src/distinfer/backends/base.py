@@ -36,7 +36,11 @@ class Backend(ABC):
 
     @abstractmethod
     def stop(self, worker: int) -> None:
-        """Ask a worker to exit once its current block is done; no more messages from it."""
+        """Stop a worker; no more messages from it are reported. A local worker is sent
+        `StopWorker` and exits after the block or batch it is running (`close` kills it if it
+        does not exit promptly); a Ray actor is killed at once (`ray.kill`), its running call
+        abandoned. Either way a stopped worker's unfinished blocks are the scheduler's to
+        assign again."""
 
     def unready_reason(self) -> str | None:
         """Why no worker has become ready, when the backend can tell (e.g. nowhere to place it)."""

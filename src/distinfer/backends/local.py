@@ -9,6 +9,7 @@ for a queued block lands before the block starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import signal
 import time
@@ -17,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from ..logs import log_to_stderr
 from ..messages import (
     BlockFailed,
     BlockStarted,
@@ -38,6 +40,7 @@ __all__ = ["LocalBackend"]
 def _worker_main(worker: int, spec: WorkerSpec, conn: Connection) -> None:
     entered = time.perf_counter()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    log_to_stderr(logging.WARNING)  # a worker's last words (a group lost) reach its stderr
     try:
         _serve(worker, spec, conn, entered)
     except (BrokenPipeError, ConnectionResetError, EOFError):

@@ -21,8 +21,9 @@ from ..config import RunConfig
 from ..data.blocks import Block
 from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
-from ..errors import ErrorInfo, InputError, JobFailedError
-from ..models.registry import ModelSpec, parse_model
+from ..errors import ErrorInfo, InputError, WorkersNotReadyError
+from ..models.families import parse_model
+from ..models.family import ModelSpec
 from ..report import GroupSummary, JobReport, Progress, WorkerStats
 from ..scheduling import (
     Action,
@@ -77,11 +78,11 @@ class _Job:
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
         self.output_dir = normalize_location(config.output)
-        stages, slot_bytes = plan_layout(config, model)
+        layout = plan_layout(config, model)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
-            config.device, config.strategy, stages, config.tensor_parallel or 2,
-            tensor_comm=config.tensor_comm, stage_slot_bytes=slot_bytes,
+            config.device, layout.strategy, layout.stages, layout.ranks,
+            tensor_comm=config.tensor_comm, stage_slot_bytes=layout.slot_bytes,
         )
         self.backend_factory = backend_factory
         self.report = JobReport(
@@ -141,13 +142,14 @@ class _Job:
                         finish = action.error
                         if finish is None:
                             return
-                        reason = backend.unready_reason() if not scheduler.ready_workers else None
-                        if reason and "no worker became ready" in finish.message:
-                            raise JobFailedError(
+                        not_ready = finish.kind == WorkersNotReadyError.__name__
+                        reason = backend.unready_reason() if not_ready else None
+                        if reason:
+                            raise WorkersNotReadyError(
                                 f"no worker became ready within {self.config.start_timeout_s:g} s: {reason}"
                             )
                         raise finish.to_exception()
-                    self._act(backend, action)
+                    self._act(backend, action, scheduler.finished)
                 pending = []
                 for item in backend.receive(timeout=0.2):
                     event = self._event(item)
@@ -165,7 +167,7 @@ class _Job:
     def _now(self) -> float:
         return time.monotonic() - self.started
 
-    def _act(self, backend: Backend, action: Action) -> None:
+    def _act(self, backend: Backend, action: Action, finished: bool) -> None:
         if isinstance(action, Assign):
             backend.send(action.worker, msg.RunBlock(self.blocks[action.block]))
         elif isinstance(action, Cancel):
@@ -174,6 +176,10 @@ class _Job:
             self.stats[action.worker] = WorkerStats(action.worker)
             backend.start(action.worker)
         elif isinstance(action, StopWorker):
+            stats = self.stats[action.worker]
+            if not finished and not (stats.ready or stats.lost or stats.not_ready):
+                timeout = self.config.start_timeout_s
+                stats.not_ready = f"still loading after --start-timeout {timeout:g} s: stopped"
             backend.stop(action.worker)
 
     def _event(self, item: msg.WorkerMessage) -> Event | None:

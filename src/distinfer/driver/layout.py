@@ -2,17 +2,18 @@
 (pipeline) or sharded over ranks (tensor parallel).
 
 Runs in the driver before any worker starts, so that a model that cannot fit is refused
-with sizes and alternatives, and a pipeline's cut is printed before the job runs.
+with sizes and alternatives, and a pipeline's cut is known (and logged) before the job runs.
+Every model-specific answer comes from the model's family (models/family.py).
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelError
+from ..logs import log
 from ..planning import (
     LayerCost,
     PipelinePlan,
@@ -24,10 +25,10 @@ from ..planning import (
 )
 
 if TYPE_CHECKING:
-    from ..models.registry import ModelSpec
-    from ..models.staged import StagedModel
+    from ..messages import Strategy
+    from ..models.family import ModelSpec
 
-__all__ = ["RUNTIME_RESERVE", "choose_plan", "plan_layout", "usable_memory"]
+__all__ = ["HEAD_RESERVE", "RUNTIME_RESERVE", "Layout", "choose_plan", "plan_layout", "usable_memory"]
 
 #: Memory each worker process needs beyond weights and activations: Python, torch and the
 #: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
@@ -37,6 +38,18 @@ RUNTIME_RESERVE = 512 * 2**20
 #: collects every micro-batch's outputs and writes the part. On the 1B decoder it peaked
 #: about 0.3 GiB above the other stages, so its first layer is charged this much more.
 HEAD_RESERVE = 320 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How each replica holds the model, decided in the driver before any worker starts."""
+
+    strategy: Strategy
+    stages: tuple[tuple[int, int], ...] = ()  # pipeline: each stage's layer range [start, stop)
+    slot_bytes: int = 0  # pipeline, local: each shared buffer carrying activations between stages
+    ranks: int = 1  # tensor: ranks per replica
+    plan: PipelinePlan | None = None  # pipeline: the cut with its predicted figures
+    layer_names: tuple[str, ...] = ()  # pipeline: the model's layers, for describing the cut
 
 
 def usable_memory(worker_memory: str | None) -> int | None:
@@ -71,15 +84,8 @@ def with_head_reserve(costs: list[LayerCost]) -> list[LayerCost]:
     return [replace(costs[0], weight_bytes=costs[0].weight_bytes + HEAD_RESERVE), *costs[1:]]
 
 
-def _staged(model: ModelSpec) -> StagedModel | None:
-    from ..models.staged import staged_model
-
-    return staged_model(model.name, model.kind)
-
-
 def _refuse_data(config: RunConfig, model: ModelSpec, limit: int) -> None:
-    staged = _staged(model)
-    weights = staged.weight_bytes() if staged is not None else None
+    weights = model.family.weight_bytes(model)
     if not weights or sum(weights) <= limit:
         return
     costs = with_head_reserve([LayerCost(str(i), float(w), w, 0) for i, w in enumerate(weights)])
@@ -93,32 +99,29 @@ def _refuse_data(config: RunConfig, model: ModelSpec, limit: int) -> None:
     )
 
 
-def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[tuple[int, int], ...], int]:
+def plan_layout(config: RunConfig, model: ModelSpec) -> Layout:
     """Check the strategy against the model and `--worker-memory`; for `--strategy pipeline`
-    choose and print the cut and return the stages' layer ranges (() for the others) and the
-    size of the shared buffers that carry activations between stages (0: none)."""
+    choose the cut (logged at INFO) and size the shared buffers that carry activations."""
     limit = usable_memory(config.worker_memory)
+    family = model.family
     if config.strategy == "data":
         if limit is not None:
             _refuse_data(config, model, limit)
-        return (), 0
+        return Layout("data")
     if config.strategy == "tensor":
-        from ..models.sharding import tensor_parallel_problem
-
-        problem = tensor_parallel_problem(model.name, model.kind, config.tensor_parallel or 2)
+        world = config.tensor_parallel or 2
+        problem = family.shard_problem(model, world)
         if problem is None and config.backend == "local":  # Ray's GPUs are on its nodes, not here
             from ..worker.tensor import resolve_comm
 
-            problem = resolve_comm(config.device, config.tensor_parallel or 2, config.tensor_comm)[1]
+            problem = resolve_comm(config.device, world, config.tensor_comm)[1]
         if problem:
             raise ConfigError(problem)
-        return (), 0
-    staged = _staged(model)
-    if staged is None:
-        raise ConfigError(
-            f"--strategy pipeline cannot cut '{model.name}' into stages: the engine cuts the built-in "
-            "models, ONNX files and traceable PyTorch models; it runs with --strategy data"
-        )
+        return Layout("tensor", ranks=world)
+    if family.no_stages is not None:
+        reason = family.no_stages.format(name=model.name)
+        raise ConfigError(f"--strategy pipeline cannot cut '{model.name}' into stages: {reason}")
+    staged = family.staged(model)
     layers = staged.layer_names()
     wanted = len(config.cuts) + 1 if config.cuts else config.stages
     if wanted and wanted > len(layers):
@@ -127,19 +130,20 @@ def plan_layout(config: RunConfig, model: ModelSpec) -> tuple[tuple[tuple[int, i
             f"{wanted} stages; use --stages {len(layers)} or fewer"
         )
     try:
-        costs = staged.layer_costs(config.batch_size, 64)
+        costs = family.layer_costs(model, config.batch_size, 64)
     except ModelError:
         if not config.cuts:
             raise
         # Explicit cut points need no measurement; sizes where known, else unknown (0).
-        sizes = staged.weight_bytes() or [0] * len(layers)
+        sizes = family.weight_bytes(model) or [0] * len(layers)
         costs = [LayerCost(name, 0.0, size, 0) for name, size in zip(layers, sizes, strict=True)]
     plan = choose_plan(costs, config.stages, config.cuts, limit)
     stages = tuple((s.start, s.stop) for s in plan.stages)
     staged.prepare_stages(stages)
-    print(f"distinfer: pipeline of {len(plan.stages)} stages for {model.name}:", file=sys.stderr)
-    print(plan.describe([c.name for c in costs]), file=sys.stderr)
+    names = tuple(c.name for c in costs)
+    log.info("pipeline of %d stages for %s:\n%s", len(plan.stages), model.name, plan.describe(list(names)))
     # Room for four times the largest activation measured at a cut (rows longer than the
     # measurement's 64 tokens); a larger one still goes through, pickled.
     crossing = max((costs[s.stop - 1].activation_bytes for s in plan.stages[:-1]), default=0)
-    return stages, min(max(4 * crossing, 4 * 2**20), 256 * 2**20)
+    slot_bytes = min(max(4 * crossing, 4 * 2**20), 256 * 2**20)
+    return Layout("pipeline", stages=stages, slot_bytes=slot_bytes, plan=plan, layer_names=names)

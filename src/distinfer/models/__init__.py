@@ -1,6 +1,20 @@
-"""Models behind one adapter: built-in zoo models, ONNX files and PyTorch models."""
+"""Models behind one adapter: a table of model families (`families/`), each with its
+whole-model runner, staged and sharded forms, costs and schema (`family.py`)."""
 
 from .base import Batches, Runner, StageTimer, run_block
-from .registry import ZOO, ModelSpec, load_runner, parse_model
+from .families import FAMILIES, load_runner, parse_model, register
+from .family import ModelFamily, ModelSpec, Schema
 
-__all__ = ["ZOO", "Batches", "ModelSpec", "Runner", "StageTimer", "load_runner", "parse_model", "run_block"]
+__all__ = [
+    "FAMILIES",
+    "Batches",
+    "ModelFamily",
+    "ModelSpec",
+    "Runner",
+    "Schema",
+    "StageTimer",
+    "load_runner",
+    "parse_model",
+    "register",
+    "run_block",
+]

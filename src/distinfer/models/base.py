@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelInputError
+from ..errors import ModelInputError, RowsError
 from ..messages import GroupStats, TensorInfo
 
 __all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "run_block"]
@@ -88,8 +88,18 @@ class Runner(ABC):
         """Run one batch; every output has the batch's rows as its first axis."""
 
     def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Run a block's batches; a pipeline overrides this to keep every stage busy."""
-        return [self.forward(batch) for batch in batches]
+        """Run a block's batches; a pipeline overrides this to keep every stage busy.
+
+        A batch that raises ends the call with a `RowsError` naming its index (`batch`), the
+        error inside kept as it was (kind, fatality); a replica group raises it only once all
+        its processes are done with the call, in step for the next one."""
+        results = []
+        for i, batch in enumerate(batches):
+            try:
+                results.append(self.forward(batch))
+            except Exception as exc:
+                raise RowsError.caught(exc, i) from exc
+        return results
 
     def input_info(self) -> tuple[TensorInfo, ...] | None:
         """What each input takes, when the model says (None: unknown, so no warm-up rows)."""
@@ -117,11 +127,28 @@ class Runner(ABC):
 def run_block(
     runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer
 ) -> dict[str, np.ndarray]:
-    """Prepare, run and reassemble one block; results are in the block's row order."""
+    """Prepare, run and reassemble one block; results are in the block's row order.
+
+    An error about rows raises a `RowsError` whose `rows` are the block rows at fault: the row
+    a preparer's `ModelInputError.row` names, or those of the micro-batch a forward failed on
+    (the one row, when the forward's error names it)."""
     t = time.perf_counter()
-    prepared = runner.prepare(inputs, batch_size)
+    try:
+        prepared = runner.prepare(inputs, batch_size)
+    except ModelInputError as exc:
+        if exc.row is None:
+            raise
+        raise RowsError.caught(exc).with_message(str(exc), (exc.row,)) from exc
     t = timer.add("preprocess", t)
-    pieces = runner.forward_many(prepared.batches)
+    try:
+        pieces = runner.forward_many(prepared.batches)
+    except RowsError as exc:
+        if exc.rows or exc.batch is None or not 0 <= exc.batch < len(prepared.batches):
+            raise
+        rows = _batch_rows(prepared, exc.batch)
+        if exc.row is not None and 0 <= exc.row < len(rows):
+            rows = rows[exc.row : exc.row + 1]
+        raise exc.with_message(exc.error.message, rows) from exc
     t = timer.add("model", t)
     if not pieces:
         return {}
@@ -132,3 +159,19 @@ def run_block(
         outputs = {name: value[inverse] for name, value in outputs.items()}
     timer.add("postprocess", t)
     return outputs
+
+
+def _batch_rows(prepared: Batches, index: int) -> tuple[int, ...]:
+    """The block rows of batch `index`: a batch's rows are its first axis (of its first array)."""
+    start = sum(_rows_in(b) for b in prepared.batches[:index])
+    stop = start + _rows_in(prepared.batches[index])
+    if prepared.order is None:
+        return tuple(range(start, stop))
+    return tuple(int(r) for r in prepared.order[start:stop])
+
+
+def _rows_in(batch: Any) -> int:
+    while isinstance(batch, (tuple, list, dict)) and batch:
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    shape = getattr(batch, "shape", None)
+    return int(shape[0]) if shape else 0

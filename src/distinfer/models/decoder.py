@@ -288,8 +288,8 @@ def decoder_rows(cfg: DecoderConfig, column: Column) -> list[np.ndarray]:
                          | (lengths == 0) | (ids >= cfg.vocab_size).any(axis=1))
     if len(bad):
         raise ModelInputError(
-            f"row {int(bad[0])} of the token ids is not 1+ ids in [0, {cfg.vocab_size}) "
-            "followed only by negative padding"
+            f"the token ids are not 1+ ids in [0, {cfg.vocab_size}) followed only by negative padding",
+            row=int(bad[0]),
         )
     return [row[: min(int(n), cfg.max_seq_len)] for row, n in zip(ids, lengths, strict=True)]
 

@@ -66,9 +66,9 @@ class DecoderStaged(StagedModel):
         return [4 * n for n in self.config.layer_parameters()]
 
     def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
-        from .layer_costs import model_layer_costs
+        from .layer_costs import decoder_layer_costs
 
-        return model_layer_costs(self.name, batch_size, seq_len)
+        return decoder_layer_costs(self.config, batch_size, seq_len)
 
     def preparer(self, device: str) -> _DecoderTokens:
         return _DecoderTokens(self.config, device)

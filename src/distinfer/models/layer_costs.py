@@ -1,4 +1,4 @@
-"""Per-layer costs of a built-in model, measured one layer at a time.
+"""Per-layer costs of the built-in layered models (decoder-SIZE, BERT), one layer at a time.
 
 Only one layer is alive at a time: it is built (with its own seeded or stored weights),
 timed on the activation the previous layer produced, measured, and freed. So a plan for a
@@ -9,46 +9,49 @@ same `LayerCost`s a pipeline run uses.
 from __future__ import annotations
 
 import gc
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelError
-from .cuts import LayerCost
+from ..planning.cuts import LayerCost
 from .profile import measure_layers, module_bytes, tensor_bytes
 
-__all__ = ["model_layer_costs"]
+if TYPE_CHECKING:
+    from .decoder import DecoderConfig
+
+__all__ = ["bert_layer_costs", "decoder_layer_costs"]
 
 
-def model_layer_costs(model: str, batch_size: int, seq_len: int, repeats: int = 2) -> list[LayerCost]:
-    """`LayerCost`s of a layered built-in model (`decoder-SIZE`, `minilm`) for one micro-batch
-    of `batch_size` rows of `seq_len` tokens."""
+def decoder_layer_costs(
+    config: DecoderConfig, batch_size: int, seq_len: int, repeats: int = 2
+) -> list[LayerCost]:
+    """`LayerCost`s of a `decoder-SIZE` model for one micro-batch of `batch_size` rows of
+    `seq_len` tokens, one seeded layer alive at a time."""
     import torch
 
-    from ..models.decoder import build_layer, parse_decoder_name
+    from .decoder import build_layer
 
-    config = parse_decoder_name(model) if model.startswith("decoder") else None
     generator = torch.Generator().manual_seed(0)
-    if config is not None:
-        ids = torch.randint(2, config.vocab_size, (batch_size, seq_len), generator=generator)
-        names = ["embedding", *(f"block {i}" for i in range(config.n_layers)), "head"]
-        builders = [lambda i=i: build_layer(config, i) for i in range(config.total_layers)]
-        return _measure(builders, names, (ids, torch.ones(batch_size, seq_len, dtype=torch.bool)),
-                        repeats)
-    if model == "minilm":
-        from ..models.bert import load_bert
-        from ..models.minilm import minilm_path
+    ids = torch.randint(2, config.vocab_size, (batch_size, seq_len), generator=generator)
+    names = ["embedding", *(f"block {i}" for i in range(config.n_layers)), "head"]
+    builders = [lambda i=i: build_layer(config, i) for i in range(config.total_layers)]
+    return _measure(builders, names, (ids, torch.ones(batch_size, seq_len, dtype=torch.bool)), repeats)
 
-        bert = load_bert(minilm_path())
-        ids = torch.randint(1000, 2000, (batch_size, seq_len), generator=generator)
-        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        layers: list[Any] = [lambda: _BertEmbed(bert.embeddings)]
-        layers += [lambda layer=layer: _BertLayer(layer, additive) for layer in bert.layers]
-        names = ["embeddings", *(f"layer {i}" for i in range(len(bert.layers)))]
-        return _measure(layers, names, (ids, mask), repeats)
-    raise ModelError(
-        f"cannot plan pipeline stages for '{model}': per-layer planning knows the built-in "
-        "layered models (minilm, decoder-SIZE)"
-    )
+
+def bert_layer_costs(model_dir: Path, batch_size: int, seq_len: int, repeats: int = 2) -> list[LayerCost]:
+    """`LayerCost`s of a BERT encoder (`minilm`) read from `model_dir`: embeddings, then each layer."""
+    import torch
+
+    from .bert import load_bert
+
+    generator = torch.Generator().manual_seed(0)
+    bert = load_bert(model_dir)
+    ids = torch.randint(1000, 2000, (batch_size, seq_len), generator=generator)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    layers: list[Any] = [lambda: _BertEmbed(bert.embeddings)]
+    layers += [lambda layer=layer: _BertLayer(layer, additive) for layer in bert.layers]
+    names = ["embeddings", *(f"layer {i}" for i in range(len(bert.layers)))]
+    return _measure(layers, names, (ids, mask), repeats)
 
 
 class _BertEmbed:

@@ -136,9 +136,9 @@ class MiniLMStaged(StagedModel):
         return [4 * embed, *[4 * layer] * c.num_hidden_layers]
 
     def layer_costs(self, batch_size: int, seq_len: int) -> list[LayerCost]:
-        from .layer_costs import model_layer_costs
+        from .layer_costs import bert_layer_costs
 
-        return model_layer_costs("minilm", batch_size, seq_len)
+        return bert_layer_costs(self.model_dir, batch_size, seq_len)
 
     def preparer(self, device: str) -> MiniLMTokens:
         return MiniLMTokens(self.model_dir, device)

@@ -25,7 +25,8 @@ Weights. A rank never holds a whole model: the decoder builds each block with it
 weights (`decoder.build_layer`), one at a time, slices it and frees it; BERT reads only its
 slices from the safetensors checkpoint (`safe_open(...).get_slice(name)`).
 
-`tensor_parallel_problem` says, in one line, why a model cannot be sharded N ways.
+`divisibility_problem` says, in one line, why N ranks cannot share a model's heads and MLP;
+`DecoderShards` and `BertShards` are the two families' `ShardedForm`s (models/family.py).
 """
 
 from __future__ import annotations
@@ -39,21 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
 from .bert import _LAYER_KEYS, BertConfig, _Layer, load_bert
 from .decoder import DecoderConfig, _Block, build_layer
 
 __all__ = [
     "AllReduce",
+    "BertShards",
+    "DecoderShards",
     "ShardedBert",
     "ShardedBertLayer",
     "ShardedDecoder",
     "ShardedDecoderBlock",
     "SliceReader",
     "checkpoint_reader",
+    "divisibility_problem",
     "layer_reader",
     "shard_range",
-    "tensor_parallel_problem",
 ]
 
 #: sums a tensor over all ranks and returns the sum (gloo/NCCL reduce in place)
@@ -90,45 +92,19 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(2, n + 1) if n % k == 0]
-
-
-def tensor_parallel_problem(model_name: str, kind: str, world: int) -> str | None:
-    """Why `model_name` (of `ModelSpec.kind` `kind`) cannot run on `world` tensor-parallel
-    ranks, with what to use instead, in one line; None when it can."""
-    if kind not in ("decoder", "minilm"):
-        return (
-            f"tensor parallelism shards the built-in transformers (minilm, decoder-SIZE); "
-            f"'{model_name}' runs with --strategy data or pipeline"
-        )
+def divisibility_problem(model_name: str, heads: int, d_ff: int, world: int) -> str | None:
+    """Why `world` ranks cannot share `heads` attention heads and an MLP width of `d_ff`
+    equally, with the rank counts that can; None when they can."""
     if world < 2:
         return f"tensor parallelism needs at least 2 ranks, got --tensor-parallel {world}"
-    try:
-        heads, d_ff = _heads_and_ff(model_name, kind)
-    except (ValueError, ModelError) as exc:
-        return str(exc)
     if heads % world or d_ff % world:
-        valid = ", ".join(map(str, _divisors(math.gcd(heads, d_ff))))
+        common = math.gcd(heads, d_ff)
+        valid = ", ".join(str(k) for k in range(2, common + 1) if common % k == 0)
         return (
             f"'{model_name}' has {heads} attention heads and an MLP width of {d_ff}; "
             f"--tensor-parallel {world} does not divide both: use one of {valid}"
         )
     return None
-
-
-def _heads_and_ff(model_name: str, kind: str) -> tuple[int, int]:
-    if kind == "decoder":
-        from .decoder import parse_decoder_name
-
-        config = parse_decoder_name(model_name)
-        if config is None:
-            raise ValueError(f"'{model_name}' is not a decoder-SIZE model")
-        return config.n_heads, config.d_ff
-    from .minilm import minilm_path
-
-    bert = BertConfig.from_file(minilm_path() / "config.json")
-    return bert.num_attention_heads, bert.intermediate_size
 
 
 # --- decoder-SIZE ---------------------------------------------------------------------------
@@ -353,3 +329,63 @@ class ShardedBert(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x
+
+
+# --- the families' sharded forms ------------------------------------------------------------
+
+
+class _Rank:
+    """A rank's shards and, on rank 0, what turns the last hidden state into outputs."""
+
+    def __init__(
+        self, model: nn.Module, rank: int, outputs: Callable[[Any, torch.Tensor], dict[str, Any]]
+    ) -> None:
+        self.model = model
+        self.rank = rank
+        self.outputs = outputs
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any] | None:
+        with torch.inference_mode():
+            out = self.model(ids, mask)
+            return self.outputs(out, mask) if self.rank == 0 else None
+
+
+class DecoderShards:
+    """`decoder-SIZE`'s tensor-parallel form: `ShardedDecoder` per rank, the LM head on rank 0."""
+
+    def __init__(self, name: str) -> None:
+        from .decoder import parse_decoder_name
+
+        config = parse_decoder_name(name)
+        if config is None:
+            raise ValueError(f"'{name}' is not a decoder-SIZE model")
+        self.name = name
+        self.config = config
+
+    def preparer(self, device: str) -> Any:
+        from .decoder_stages import DecoderStaged
+
+        return DecoderStaged(self.name).preparer(device)
+
+    def build_rank(self, rank: int, world: int, all_reduce: AllReduce, device: Any) -> _Rank:
+        from .decoder_stages import decoder_outputs
+
+        model = ShardedDecoder(self.config, rank, world, all_reduce, device)
+        return _Rank(model, rank, lambda out, mask: decoder_outputs(out))
+
+
+class BertShards:
+    """`minilm`'s tensor-parallel form: `ShardedBert` per rank, mean pooling on rank 0."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+
+    def preparer(self, device: str) -> Any:
+        from .minilm import MiniLMTokens
+
+        return MiniLMTokens(self.model_dir, device)
+
+    def build_rank(self, rank: int, world: int, all_reduce: AllReduce, device: Any) -> _Rank:
+        from .minilm import mean_pool
+
+        return _Rank(ShardedBert(self.model_dir, rank, world, all_reduce, device), rank, mean_pool)

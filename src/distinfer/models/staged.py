@@ -16,8 +16,9 @@ which builds only the layers it holds:
   (`stage.is_last`) returns the batch's outputs as `dict[str, np.ndarray]` on the CPU.
 
 Activations cross process boundaries, so they are CPU tensors (or tuples/dicts of them, or
-numpy arrays): torch queues move CPU tensors through shared memory, Ray through its object
-store.
+numpy arrays): on one machine they are copied into a ring of shared-memory slots
+(`worker/shm_channel.py`), on Ray they go through its object store. A family says whether
+it has a staged form (`ModelFamily.staged`, or `no_stages` with the reason).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .base import Batches, Column
 if TYPE_CHECKING:
     from ..planning.cuts import LayerCost
 
-__all__ = ["Preparer", "Stage", "StagedModel", "staged_model"]
+__all__ = ["Preparer", "Stage", "StagedModel"]
 
 
 class Preparer(Protocol):
@@ -86,25 +87,3 @@ class StagedModel(ABC):
     def outputs(self, x: Any) -> dict[str, np.ndarray]:
         """The last stage's result as named numpy arrays (it already is, by default)."""
         return dict(x)
-
-
-def staged_model(name: str, kind: str) -> StagedModel | None:
-    """The staged form of a parsed model (`ModelSpec.name`, `ModelSpec.kind`), or None when
-    the engine cannot cut that kind of model."""
-    if kind == "decoder":
-        from .decoder_stages import DecoderStaged
-
-        return DecoderStaged(name)
-    if kind == "minilm":
-        from .minilm import MiniLMStaged
-
-        return MiniLMStaged()
-    if kind == "onnx":
-        from .onnx_stages import OnnxStaged
-
-        return OnnxStaged(name)
-    if kind == "torch":
-        from .fx_stages import TracedStaged
-
-        return TracedStaged(name)
-    return None

@@ -1,4 +1,5 @@
-"""Deciding which worker runs which block: a pure state machine shared by all backends."""
+"""Deciding which worker runs which block, and keeping workers alive: pure state machines
+shared by all backends (the supervisor also by the server)."""
 
 from distinfer.messages import (
     Action,
@@ -17,6 +18,7 @@ from distinfer.messages import (
     WorkerReady,
 )
 from distinfer.scheduling.scheduler import Scheduler, SchedulerConfig
+from distinfer.scheduling.supervisor import NotReady, Retired, Supervision, Supervisor, SupervisorConfig
 
 __all__ = [
     "Action",
@@ -27,10 +29,15 @@ __all__ = [
     "Cancel",
     "Event",
     "Finish",
+    "NotReady",
+    "Retired",
     "Scheduler",
     "SchedulerConfig",
     "StartWorker",
     "StopWorker",
+    "Supervision",
+    "Supervisor",
+    "SupervisorConfig",
     "Tick",
     "WorkerFailed",
     "WorkerLost",

@@ -17,13 +17,22 @@ be reproduced from a list of events alone, and the same list always yields the s
   A victim may have started the block before the `Cancel` reached it; both copies may then
   run, and the first `BlockDone` wins: block output is idempotent, so a duplicate costs time,
   never correctness.
+* Workers' life cycle is the `Supervisor`'s (supervisor.py, shared with the server): ready,
+  unusable (`WorkerFailed`: stopped at once, replaced unless fatal; a fatal one fails the job
+  with its error), lost (replaced), fresh ids (max id ever + 1), at most `max_restarts`
+  replacements per job, and each replacement's own start timeout. The scheduler keeps one
+  queue per live worker, mirroring the supervisor's books, and turns its outcomes into block
+  moves and `Finish`.
 * Failures: blocks queued on a lost worker return to the front of the pending order (they are
   the oldest work). A block that was in flight on `max_block_attempts` lost workers, or
   failed that often, is taken to be what kills them and fails the job instead of killing every
-  replacement. Replacements get fresh ids (max id ever + 1), at most `max_restarts` per job.
-  A worker that reports `WorkerFailed` may still be alive, so it also gets a `StopWorker`.
-* Start timeout: measured from `start()`, and again from any loss that leaves no worker
-  ready, so that a replacement gets the whole `start_timeout_s` to load its model.
+  replacement (no replacement is started for that loss).
+* Start timeout: no worker ready for `start_timeout_s`, measured from `start()` and again from
+  any loss that leaves no worker ready (so that a replacement gets the whole timeout to load
+  its model), fails the job with a `WorkersNotReadyError`. A replacement still loading
+  `start_timeout_s` after its start is stopped and replaced; the first workers are covered by
+  the job's clock alone (`time_first_starts=False`): a job with a ready worker never stops
+  a slow first one.
 
 Worked example (prefetch=2, blocks {0: 100, 1: 100, 2: 100, 3: 50}, workers [0, 1])::
 
@@ -68,6 +77,7 @@ from distinfer.messages import (
     WorkerLost,
     WorkerReady,
 )
+from distinfer.scheduling.supervisor import NotReady, Retired, Supervision, Supervisor, SupervisorConfig
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -83,7 +93,8 @@ class SchedulerConfig:
     max_block_attempts: int = 3
     """A block in flight on this many lost workers (or failing this often) fails the job."""
     start_timeout_s: float = 600.0
-    """No worker ready for this long (since start, or since a loss left none) fails the job."""
+    """No worker ready for this long (since start, or since a loss left none) fails the job;
+    a replacement still loading this long after its start is stopped and replaced."""
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -98,6 +109,16 @@ class SchedulerConfig:
 
 def _job_failed(message: str, traceback: str = "") -> ErrorInfo:
     return ErrorInfo("JobFailedError", message, fatal=True, traceback=traceback)
+
+
+def _not_ready(timeout_s: float) -> ErrorInfo:
+    """A `WorkersNotReadyError` (errors.py); the driver adds the backend's reason when it has one."""
+    return ErrorInfo(
+        "WorkersNotReadyError",
+        f"no worker became ready within {timeout_s:g} s; check the worker logs for why the model "
+        "does not load, or raise start_timeout_s if it is just slow",
+        fatal=True,
+    )
 
 
 class Scheduler:
@@ -116,16 +137,13 @@ class Scheduler:
         "_done_rows",
         "_error",
         "_finished",
-        "_max_id",
         "_owner",
         "_pending",
         "_prefetch",
         "_queues",
-        "_ready",
-        "_restarts_used",
         "_rows",
-        "_since",
         "_started",
+        "_sup",
         "_total_rows",
     )
 
@@ -159,12 +177,14 @@ class Scheduler:
         self._started: set[int] = set()
         self._attempts: dict[int, int] = {}
         # Live workers (starting or ready) in the order they were started; that order is the
-        # tie-break everywhere, which is what makes the actions deterministic.
+        # tie-break everywhere, which is what makes the actions deterministic. The keys mirror
+        # the supervisor's live workers (who is ready, replacements, timeouts are its books).
         self._queues: dict[int, deque[int]] = {w: deque() for w in workers}
-        self._ready: set[int] = set()
-        self._max_id = max(workers, default=-1)
-        self._restarts_used = 0
-        self._since = now
+        self._sup = Supervisor(
+            workers,
+            SupervisorConfig(config.max_restarts, config.start_timeout_s, time_first_starts=False),
+            now,
+        )
         self._begun = False
         self._finished = False
         self._error: ErrorInfo | None = None
@@ -203,11 +223,16 @@ class Scheduler:
 
     @property
     def ready_workers(self) -> tuple[int, ...]:
-        return tuple(w for w in self._queues if w in self._ready)
+        return tuple(w for w in self._queues if self._sup.is_ready(w))
 
     @property
     def restarts_used(self) -> int:
-        return self._restarts_used
+        return self._sup.restarts_used
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The books of the workers' life cycle (read them, do not drive them)."""
+        return self._sup
 
     @property
     def finished(self) -> bool:
@@ -236,7 +261,7 @@ class Scheduler:
         if self._begun or self._finished:
             return []
         self._begun = True
-        self._since = now
+        self._sup.start(now)
         if not self._rows:
             return self._finish(None)
         return []
@@ -260,7 +285,7 @@ class Scheduler:
             # Otherwise the block was stolen or reassigned from this worker: ignore.
             return []
         if isinstance(event, WorkerReady):
-            return self._on_worker_ready(event.worker)
+            return self._on_worker_ready(event, now)
         if isinstance(event, Tick):
             return self._on_tick(now)
         if isinstance(event, BlockFailed):
@@ -268,9 +293,9 @@ class Scheduler:
         if isinstance(event, WorkerLost):
             if event.worker not in self._queues:
                 return []
-            return self._lose(event.worker, event.reason, now, [])
+            return self._lose(event, now)
         if isinstance(event, WorkerFailed):
-            return self._on_worker_failed(event.worker, event.error, now)
+            return self._on_worker_failed(event, now)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     # --- event handlers ---------------------------------------------------------------
@@ -308,30 +333,23 @@ class Scheduler:
         self._mark_done(block)
         if len(self._done) == len(self._rows):
             return self._finish(None)  # a Cancel to a worker being stopped is noise
-        if owner is not None and owner in self._ready:
+        if owner is not None and self._sup.is_ready(owner):
             self._refill(owner, actions)
-        if worker in self._ready:
+        if self._sup.is_ready(worker):
             self._refill(worker, actions)
         return actions
 
-    def _on_worker_ready(self, worker: int) -> list[Action]:
+    def _on_worker_ready(self, event: WorkerReady, now: float) -> list[Action]:
+        worker = event.worker
         if worker not in self._queues:
             return []  # unknown or already lost
-        self._ready.add(worker)
+        self._sup.handle(event, now)
         actions: list[Action] = []
         self._refill(worker, actions)
         return actions
 
     def _on_tick(self, now: float) -> list[Action]:
-        timeout = self._config.start_timeout_s
-        if self._ready or now - self._since < timeout:
-            return []
-        return self._finish(
-            _job_failed(
-                f"no worker became ready within {timeout:g} s; check the worker logs for "
-                "why the model does not load, or raise start_timeout_s if it is just slow"
-            )
-        )
+        return self._supervise(self._sup.handle(Tick(), now))
 
     def _on_block_failed(self, worker: int, block: int, error: ErrorInfo) -> list[Action]:
         if worker not in self._queues or block not in self._rows or block in self._done:
@@ -359,14 +377,18 @@ class Scheduler:
         self._spread(actions)
         return actions
 
-    def _on_worker_failed(self, worker: int, error: ErrorInfo, now: float) -> list[Action]:
+    def _on_worker_failed(self, event: WorkerFailed, now: float) -> list[Action]:
+        worker, error = event.worker, event.error
         if worker not in self._queues:
             return []
         if error.fatal:
+            # The same failure anywhere: the job fails with it. The supervisor keeps its books
+            # (no replacement); every worker the job had, this one included, gets a StopWorker.
+            self._sup.handle(event, now)
             return self._finish(error)
-        # The worker reported this itself, so its process may still be alive and holding
-        # memory the replacement needs: have the backend stop it.
-        return self._lose(worker, f"{error.kind}: {error.message}", now, [StopWorker(worker)])
+        # The supervisor stops it (it may still be alive, holding memory the replacement
+        # needs) and replaces it.
+        return self._lose(event, now)
 
     # --- mechanics --------------------------------------------------------------------
 
@@ -428,7 +450,8 @@ class Scheduler:
             return
         prefetch = self._prefetch
         queues = self._queues
-        takers = [w for w, q in queues.items() if w in self._ready and len(q) < prefetch]
+        ready = self._sup.is_ready
+        takers = [w for w, q in queues.items() if ready(w) and len(q) < prefetch]
         takers.sort(key=lambda w: len(queues[w]))  # stable: start order breaks ties
         while pending and takers:
             again: list[int] = []
@@ -443,13 +466,49 @@ class Scheduler:
                     again.append(worker)
             takers = again
 
-    def _lose(self, worker: int, reason: str, now: float, actions: list[Action]) -> list[Action]:
-        """Retire a live worker: requeue its blocks, start a replacement, or give up."""
-        queue = self._queues.pop(worker)
-        self._ready.discard(worker)
-        if not self._ready:
-            # The replacement needs the full start timeout to load its model.
-            self._since = now
+    def _lose(self, event: WorkerLost | WorkerFailed, now: float) -> list[Action]:
+        """Retire a live worker: requeue its blocks, then let the supervisor replace it, unless
+        a poison block fails the job (then no restart is wasted on it)."""
+        poison = self._requeue(event.worker)
+        if poison is None:
+            return self._supervise(self._sup.handle(event, now))
+        outcomes = self._sup.handle(event, now, replace=False)
+        stops: list[Action] = [a for a in outcomes if isinstance(a, StopWorker)]
+        reason = next(o.reason for o in outcomes if isinstance(o, Retired))
+        return stops + self._finish(self._poisoned(poison, reason))
+
+    def _supervise(self, outcomes: list[Supervision]) -> list[Action]:
+        """Carry the supervisor's outcomes over to the blocks, in order."""
+        actions: list[Action] = []
+        for outcome in outcomes:
+            if isinstance(outcome, StartWorker):
+                self._queues[outcome.worker] = deque()
+                actions.append(outcome)
+            elif isinstance(outcome, StopWorker):
+                actions.append(outcome)
+            elif isinstance(outcome, Retired):
+                poison = self._requeue(outcome.worker)  # None when _lose did it already
+                if poison is not None:
+                    return actions + self._finish(self._poisoned(poison, outcome.reason))
+                if outcome.replacement is None and not self._queues:
+                    return actions + self._finish(
+                        _job_failed(
+                            f"all workers were lost (last: {outcome.reason}); {self._sup.restarts_used} "
+                            f"replacement(s) started, max_restarts={self._config.max_restarts}: see "
+                            "the worker logs for why they die"
+                        )
+                    )
+            elif isinstance(outcome, NotReady):
+                return actions + self._finish(_not_ready(outcome.timeout_s))
+        self._spread(actions)
+        return actions
+
+    def _requeue(self, worker: int) -> int | None:
+        """Take a retired worker's queue back to the front of pending; the block it makes fail
+        the job (in flight on `max_block_attempts` lost workers), if any."""
+        queue = self._queues.pop(worker, None)
+        if queue is None:
+            return None
         max_attempts = self._config.max_block_attempts
         poison: int | None = None
         for index, block in enumerate(queue):
@@ -462,30 +521,15 @@ class Scheduler:
                 if attempts >= max_attempts and poison is None:
                     poison = block
         self._pending.extendleft(reversed(queue))
-        if poison is not None:
-            return actions + self._finish(
-                _job_failed(
-                    f"block {poison} ({self._row_range(poison)}) was in flight on "
-                    f"{self._attempts[poison]} workers that died (last: {reason}); the block "
-                    "itself probably kills them (out of memory?): check those rows, lower the "
-                    "block size, or raise max_block_attempts"
-                )
-            )
-        if self._restarts_used < self._config.max_restarts:
-            self._restarts_used += 1
-            self._max_id += 1
-            self._queues[self._max_id] = deque()
-            actions.append(StartWorker(self._max_id))
-        elif not self._queues:
-            return actions + self._finish(
-                _job_failed(
-                    f"all workers were lost (last: {reason}); {self._restarts_used} "
-                    f"replacement(s) started, max_restarts={self._config.max_restarts}: see "
-                    "the worker logs for why they die"
-                )
-            )
-        self._spread(actions)
-        return actions
+        return poison
+
+    def _poisoned(self, block: int, reason: str) -> ErrorInfo:
+        return _job_failed(
+            f"block {block} ({self._row_range(block)}) was in flight on "
+            f"{self._attempts[block]} workers that died (last: {reason}); the block "
+            "itself probably kills them (out of memory?): check those rows, lower the "
+            "block size, or raise max_block_attempts"
+        )
 
     def _finish(self, error: ErrorInfo | None) -> list[Action]:
         actions: list[Action] = [StopWorker(w) for w in self._queues]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..messages import BackendName, Device, Strategy, TensorComm
-from ..models.registry import ModelSpec
+from ..models.family import ModelSpec
 
 __all__ = ["ServeConfig", "served_name"]
 
@@ -76,12 +75,10 @@ class ServeConfig:
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def served_name(spec: ModelSpec) -> str:
-    """The model's name in URLs: a built-in's name, a file's stem, a factory's function."""
-    if spec.kind in ("onnx", "torch") and "/" in spec.name:
-        base = Path(spec.name).stem
-    else:
-        base = spec.name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ":" in spec.name else spec.name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "model"
+    """The model's name in URLs (its family's choice: a built-in's name, a file's stem, a
+    factory's function), reduced to URL-safe characters."""
+    return _UNSAFE.sub("_", spec.family.served_name(spec)) or "model"

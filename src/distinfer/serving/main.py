@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 from ..backends import make_backend
 from ..driver.layout import plan_layout
 from ..errors import ConfigError, DistinferError
+from ..logs import log
 from ..messages import WorkerSpec
-from ..models.registry import parse_model
+from ..models.families import parse_model
 from .config import ServeConfig, served_name
 
 __all__ = ["serve"]
@@ -27,17 +27,16 @@ def worker_spec(config: ServeConfig) -> WorkerSpec:
     """The replicas' spec: the batch engine's, with no input source and a warm-up."""
     run = config.run_config()
     model = parse_model(config.model)
-    if model.kind == "torch":
-        raise ConfigError(
-            f"cannot serve '{config.model}': a PyTorch model does not say what its inputs are; "
-            "export it to ONNX (torch.onnx.export) and serve the .onnx file, or use 'distinfer run'"
-        )
-    stages, slot_bytes = plan_layout(run, model)
+    problem = model.family.serving_problem(model, run.strategy)
+    if problem is not None:
+        raise ConfigError(problem)
+    layout = plan_layout(run, model)
     # A pipeline replica cuts each batch into micro-batches that stream through its stages.
+    stages = layout.stages
     rows_per_call = max(1, config.max_batch_size // (2 * len(stages))) if stages else config.max_batch_size
-    return WorkerSpec(model, None, None, "", rows_per_call, run.threads, config.device, config.strategy,
-                      stages, config.tensor_parallel or 2, tensor_comm=config.tensor_comm,
-                      stage_slot_bytes=slot_bytes, serving=True)
+    return WorkerSpec(model, None, None, "", rows_per_call, run.threads, config.device, layout.strategy,
+                      stages, layout.ranks, tensor_comm=config.tensor_comm,
+                      stage_slot_bytes=layout.slot_bytes, serving=True)
 
 
 async def _serve(config: ServeConfig) -> int:
@@ -62,8 +61,8 @@ async def _serve(config: ServeConfig) -> int:
             raise DistinferError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; "
                                  "pick another --port or stop what uses it") from None
         host, port = runner.addresses[0][:2]
-        print(f"distinfer: serving '{name}' on http://{host}:{port} ({config.replicas} replicas "
-              f"warming up; ready at /v2/health/ready)", file=sys.stderr, flush=True)
+        log.info("serving '%s' on http://%s:%s (%d replicas warming up; ready at /v2/health/ready)",
+                 name, host, port, config.replicas)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,12 +74,11 @@ async def _serve(config: ServeConfig) -> int:
         stopping.cancel()
         failing.cancel()
         if server.failed is not None:
-            print(f"distinfer: error: {server.failed}", file=sys.stderr, flush=True)
+            log.error("error: %s", server.failed)
             return 1
-        print("distinfer: draining: not ready any more; finishing queued and running requests",
-              file=sys.stderr, flush=True)
+        log.info("draining: not ready any more; finishing queued and running requests")
         await server.drain(config.drain_timeout_s)
-        print("distinfer: drained; bye", file=sys.stderr, flush=True)
+        log.info("drained; bye")
         return 0
     finally:
         await runner.cleanup()

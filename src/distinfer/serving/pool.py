@@ -3,8 +3,9 @@ run by one receiver thread, bridged to the server's event loop.
 
 The event loop sends batches itself (`Backend.send` is safe beside a waiting `receive`);
 the receiver thread waits for answers and losses and hands them to the loop, and it alone
-starts workers (`close` stops them once it has ended), so the backend's bookkeeping has
-one writer.
+starts and stops workers (the loop queues `StartWorker`/`StopWorker` orders, carried out in
+the order given; `close` stops the rest once the thread has ended), so the backend's
+bookkeeping has one writer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from ..backends.base import Backend
-from ..messages import InferBatch, WorkerMessage
+from ..messages import InferBatch, StartWorker, StopWorker, WorkerMessage
 
 __all__ = ["ReplicaPool"]
 
@@ -29,18 +30,25 @@ class ReplicaPool:
         self.backend = backend
         self.loop = loop
         self.on_items = on_items
-        self._starts: queue.SimpleQueue[int] = queue.SimpleQueue()  # workers to start
+        # Workers to start and stop, in order (a stop before the replacement's start frees
+        # the resources the replacement may need).
+        self._orders: queue.SimpleQueue[StartWorker | StopWorker] = queue.SimpleQueue()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive_loop, name="distinfer-replicas", daemon=True)
 
     def start(self, workers: list[int]) -> None:
         for worker in workers:
-            self._starts.put(worker)
+            self._orders.put(StartWorker(worker))
         self._thread.start()
 
     def replace(self, worker: int) -> None:
         """Start worker `worker` (a replacement) from the receiver thread."""
-        self._starts.put(worker)
+        self._orders.put(StartWorker(worker))
+
+    def stop(self, worker: int) -> None:
+        """Stop worker `worker` from the receiver thread (a Ray actor is killed at once); no
+        more messages come from it."""
+        self._orders.put(StopWorker(worker))
 
     def send(self, worker: int, message: InferBatch) -> None:
         self.backend.send(worker, message)
@@ -49,10 +57,13 @@ class ReplicaPool:
         while not self._closing.is_set():
             while True:
                 try:
-                    worker = self._starts.get_nowait()
+                    order = self._orders.get_nowait()
                 except queue.Empty:
                     break
-                self.backend.start(worker)
+                if isinstance(order, StartWorker):
+                    self.backend.start(order.worker)
+                else:
+                    self.backend.stop(order.worker)
             items = self.backend.receive(timeout=0.05)
             if items and not self._closing.is_set():
                 try:

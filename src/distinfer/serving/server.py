@@ -6,13 +6,18 @@ in the queue and the next free replica takes as many as fit (dynamic batching); 
 replica is idle the oldest request waits at most `max_queue_delay_ms` for company. When a
 full batch is waiting and no replica is idle, it goes to the pipe of the replica that will
 free first, so replicas never idle between batches under load.
+
+The replicas' life cycle is the batch engine's `Supervisor` (scheduling/supervisor.py): a
+replica that cannot start is stopped at once and replaced unless its error is fatal, a lost
+one is replaced (at most --max-restarts over the server's life, none while draining), every
+start is timed (--start-timeout), and no replica ready for that long fails the server. A
+timer on the loop, armed at the supervisor's next deadline, feeds it `Tick`s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +25,9 @@ import numpy as np
 from .. import messages as msg
 from ..backends.base import Backend
 from ..errors import ErrorInfo
+from ..logs import log
 from ..models.base import Column, TensorInfo
+from ..scheduling.supervisor import NotReady, Retired, Supervision, Supervisor, SupervisorConfig
 from .batcher import Pending, RateEstimate, RequestQueue, Shed, merge_inputs, row_size, signature
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -57,7 +64,12 @@ class InferenceServer:
         self.loop = asyncio.get_running_loop()
         self.queue = RequestQueue(config.max_batch_size, config.max_queue)
         self.pool = ReplicaPool(backend, self.loop, self._on_items)
+        # The supervisor's live replicas (warming up or ready), in start order.
         self.replicas: dict[int, _Replica] = {w: _Replica(w) for w in range(config.replicas)}
+        self.supervisor = Supervisor(
+            self.replicas, SupervisorConfig(config.max_restarts, config.start_timeout_s), self.loop.time()
+        )
+        self._timer: asyncio.TimerHandle | None = None
         self.inputs: tuple[TensorInfo, ...] = ()
         self.outputs: tuple[TensorInfo, ...] = ()
         self.started = False  # every first replica warm (or unusable)
@@ -66,8 +78,6 @@ class InferenceServer:
         self.stopped = asyncio.Event()  # set on failure: the process should exit
         self._settled: set[int] = set()
         self._next_batch = 0
-        self._next_worker = config.replicas
-        self.restarts = 0
         self._wake = asyncio.Event()
         self._delay_s = config.max_queue_delay_ms / 1e3
         self._task: asyncio.Task[None] | None = None
@@ -75,9 +85,15 @@ class InferenceServer:
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.supervisor.start(self.loop.time())
         self.pool.start(list(self.replicas))
         self._task = self.loop.create_task(self._dispatch_loop())
-        self.loop.call_later(self.config.start_timeout_s, self._start_timeout)
+        self._arm()
+
+    @property
+    def restarts(self) -> int:
+        """Replacement replicas started so far."""
+        return self.supervisor.restarts_used
 
     def ready_count(self) -> int:
         return sum(1 for r in self.replicas.values() if r.ready)
@@ -108,6 +124,8 @@ class InferenceServer:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self.pool.close()
 
     # -- requests --------------------------------------------------------------------------
@@ -296,8 +314,9 @@ class InferenceServer:
 
     def _ready(self, item: msg.WorkerReady) -> None:
         replica = self.replicas.get(item.worker)
-        if replica is None:
-            return
+        if replica is None or replica.ready:
+            return  # retired meanwhile (stopped), or said twice
+        self._supervise(self.supervisor.handle(item, self.loop.time()))
         replica.ready, replica.pid = True, item.pid
         if not self.inputs:
             self.inputs, self.outputs = item.inputs, item.outputs
@@ -306,19 +325,61 @@ class InferenceServer:
         self._settle(item.worker)
 
     def _unusable(self, item: msg.WorkerFailed) -> None:
-        self.replicas.pop(item.worker, None)
-        _log(f"replica {item.worker} could not start: {item.error.message}")
-        self._settle(item.worker)
-        if not self.replicas:
-            self._fail(f"no replica could start: {item.error.message}")
+        self._supervise(self.supervisor.handle(item, self.loop.time(), replace=not self.draining))
 
     def _gone(self, item: msg.WorkerLost) -> None:
-        replica = self.replicas.pop(item.worker, None)
-        if replica is None:
-            return
-        _log(f"replica lost: {item.reason}")
+        self._supervise(self.supervisor.handle(item, self.loop.time(), replace=not self.draining))
+
+    def tick(self, now: float | None = None) -> None:
+        """Feed the supervisor the time (start timeouts). The loop's timer calls this at the
+        supervisor's next deadline; a test may pass a later `now` instead of waiting."""
+        self._supervise(self.supervisor.handle(msg.Tick(), self.loop.time() if now is None else now,
+                                               replace=not self.draining))
+        self.metrics.replicas_ready.set(self.ready_count())
+        self._wake.set()
+
+    def _on_timer(self, deadline: float) -> None:
+        self._timer = None
+        # call_at may run a hair early (the clock's resolution): the deadline has come.
+        self.tick(max(self.loop.time(), deadline))
+
+    def _arm(self) -> None:
+        """(Re)arm the timer at the supervisor's next deadline (none once failed or draining:
+        start timeouts no longer matter then, and a due NotReady would fire again at once)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.supervisor.next_deadline()
+        if deadline is not None and self.failed is None and not self.draining:
+            self._timer = self.loop.call_at(deadline, self._on_timer, deadline)
+
+    def _supervise(self, outcomes: list[Supervision]) -> None:
+        """Carry out the supervisor's actions and outcomes, in order."""
+        for outcome in outcomes:
+            if isinstance(outcome, msg.StopWorker):
+                self.pool.stop(outcome.worker)
+            elif isinstance(outcome, Retired):
+                self._retired(outcome)
+            elif isinstance(outcome, msg.StartWorker):
+                self.replicas[outcome.worker] = _Replica(outcome.worker)
+                self.pool.replace(outcome.worker)
+            elif isinstance(outcome, NotReady) and not self.draining and self.failed is None:
+                self._fail(self.pool.backend.unready_reason() or (
+                    f"no replica was warm after {outcome.timeout_s:.0f} s (--start-timeout)"))
+        self._arm()
+
+    def _retired(self, out: Retired) -> None:
+        """A replica left (lost, could not start, or timed out): retry its requests elsewhere."""
+        replica = self.replicas.pop(out.worker, None)
+        if out.error is not None:
+            _log(f"replica {out.worker} could not start: {out.error.message}")
+        elif out.timed_out:
+            _log(f"replica {out.worker} was not warm {self.config.start_timeout_s:.0f} s after its start "
+                 "(--start-timeout); stopped")
+        else:
+            _log(f"replica lost: {out.reason}")
         retry: list[Pending] = []
-        for batch, _ in replica.batches.values():
+        for batch, _ in (replica.batches.values() if replica is not None else ()):
             for p in batch:
                 if p.state != "running":
                     continue
@@ -328,17 +389,13 @@ class InferenceServer:
                 else:
                     retry.append(p)
         self.queue.push_front(retry)
-        self._settle(item.worker)
-        if self.draining or self.restarts >= self.config.max_restarts:
-            if not self.replicas:
+        self._settle(out.worker)
+        if out.replacement is None and not self.replicas:
+            if out.error is not None:
+                self._fail(f"no replica could start: {out.error.message}")
+            else:
                 self._fail(f"every replica was lost and no replacement is allowed (--max-restarts "
-                           f"{self.config.max_restarts}): {item.reason}")
-            return
-        self.restarts += 1
-        worker = self._next_worker
-        self._next_worker += 1
-        self.replicas[worker] = _Replica(worker)
-        self.pool.replace(worker)
+                           f"{self.config.max_restarts}): {out.reason}")
 
     def _settle(self, worker: int) -> None:
         self._settled.add(worker)
@@ -347,16 +404,10 @@ class InferenceServer:
             if self.started:
                 _log(f"ready: {self.ready_count()} of {self.config.replicas} replicas of {self.name} warm")
 
-    def _start_timeout(self) -> None:
-        if not self.started and not self.failed:
-            reason = self.pool.backend.unready_reason() or (
-                f"no replica was warm after {self.config.start_timeout_s:.0f} s (--start-timeout)")
-            self._fail(reason)
-
     def _fail(self, reason: str) -> None:
         self.failed = reason
         self.stopped.set()
 
 
 def _log(text: str) -> None:
-    print(f"distinfer: {text}", file=sys.stderr, flush=True)
+    log.info(text)

@@ -8,13 +8,20 @@ block and writes the part. While stage 1 works on micro-batch i, stage 0 already
 i+1, so with m micro-batches per block and p equal stages the idle share (the bubble) is
 (p-1)/(m+p-1).
 
-How activations travel is the transport's business (`runtime/stage_links.py`): child
-processes linked by torch queues (tensors in shared memory) on the local backend, Ray actors
+How activations travel is the transport's business (`worker/stage_links.py`): child
+processes linked by rings of shared-memory slots (`worker/shm_channel.py`) on the local backend, Ray actors
 placed anywhere in the cluster (activations through Ray's object store) on the Ray backend.
 
 Every item carries the figures of the stages it went through (cumulative busy and
 communication seconds, peak memory), so the last result of a block tells stage 0 what each
 stage did; `group_stats()` hands that to the report.
+
+A model that raises is a result, not a loss: a later stage that raises passes a
+`StageFailed` on in place of the activation (the stages after it forward it without
+computing), so stage 0 still collects exactly one item per micro-batch sent and the links
+stay aligned for the next block; then `forward_many` raises the error (a `RowsError` naming
+the micro-batch, kind and fatality kept). If stage 0's own layers raise, it sends nothing
+more, collects the items of the micro-batches already sent, and raises.
 
 To the scheduler and the backend the group is one worker: if any stage dies, stage 0 exits,
 the backend reports the worker lost, and its blocks are assigned again.
@@ -22,14 +29,16 @@ the backend reports the worker lost, and its blocks are assigned again.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ..errors import RowsError
+from ..logs import log, log_to_stderr
 from ..models.base import Batches, Column, GroupStats, Runner
 from ..models.profile import tensor_bytes
 from ..models.staged import StagedModel
@@ -37,6 +46,7 @@ from .process import host_label, peak_rss
 from .stage_links import (
     DEFAULT_SLOT_BYTES,
     MemberFigures,
+    StageFailed,
     StageLinks,
     StageLost,
     stage_device,
@@ -79,31 +89,48 @@ class PipelineRunner(Runner):
         The pipeline fills with the first micro-batch (only stage 0 works) and drains with
         the last (only the last stage works), so the two smallest go first and last."""
         order = _fill_and_drain_order(batches)
-        results = self._stream([batches[i] for i in order])
+        results, failure = self._stream([batches[i] for i in order])
+        if failure is not None:  # the micro-batch as the caller numbers it
+            assert failure.batch is not None
+            raise RowsError(failure.error, batch=order[failure.batch], row=failure.row) from None
         back: list[dict[str, np.ndarray]] = [{}] * len(batches)
         for position, i in enumerate(order):
             back[i] = results[position]
         return back
 
-    def _stream(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+    def _stream(self, batches: list[Any]) -> tuple[list[Any], RowsError | None]:
+        """Every micro-batch's outputs, or the first failure (`batch`: its position here); all
+        stages are done with the block either way."""
         started = time.perf_counter()
         head_s: list[float] = []  # stage 0's time on each micro-batch
+        results: list[Any] = []
+        head_failed: RowsError | None = None
         if self.links is None:
-            results = [self._run_head(batch, head_s) for batch in batches]
-            self._record(started, len(batches), [], [], head_s)
-            return results
-        results = []
+            for position, batch in enumerate(batches):
+                try:
+                    results.append(self._run_head(batch, head_s))
+                except Exception as exc:
+                    head_failed = RowsError.caught(exc, position)
+                    break
+            self._record(started, len(results), [], [], head_s)
+            return results, head_failed
         figures: list[list[MemberFigures]] = []  # stages 1..K-1 on each micro-batch
+        sent = 0
         try:
-            for batch in batches:
-                x = self._run_head(batch, head_s)
+            for position, batch in enumerate(batches):
+                try:
+                    x = self._run_head(batch, head_s)
+                except Exception as exc:  # send no more; collect what was sent, then raise
+                    head_failed = RowsError.caught(exc, position)
+                    break
                 t = time.perf_counter()
                 self.links.send(x)
+                sent += 1
                 self._comm += time.perf_counter() - t
                 while (item := self.links.receive(0.0)) is not None:  # collect without waiting
                     results.append(item[0])
                     figures.append(item[1])
-            while len(results) < len(batches):
+            while len(results) < sent:
                 item = self.links.receive(1.0)
                 if item is not None:
                     results.append(item[0])
@@ -111,11 +138,16 @@ class PipelineRunner(Runner):
         except StageLost as exc:
             # The group cannot go on without that stage: end this worker so that the backend
             # sees it lost and the scheduler assigns its blocks again.
-            print(f"distinfer: {exc}", file=sys.stderr, flush=True)
+            log_to_stderr(logging.WARNING)  # this process ends now: its reason must reach stderr
+            log.critical("%s", exc)
             os._exit(3)
-        self._record(started, len(batches), figures[0] if figures else [], figures[-1] if figures else [],
+        self._record(started, sent, figures[0] if figures else [], figures[-1] if figures else [],
                      head_s)
-        return results
+        # A later stage's failure is on an earlier micro-batch than stage 0's own, if both.
+        for position, result in enumerate(results):
+            if isinstance(result, StageFailed):
+                return results, result.raised(position)
+        return results, head_failed
 
     def _run_head(self, batch: Any, head_s: list[float]) -> Any:
         t = time.perf_counter()

@@ -11,17 +11,18 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..data._spec import name_of
 from ..data.blocks import Block
 from ..data.sink import write_part
-from ..data.sources import SourceSpec, describe_row, read_block
-from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError
+from ..data.sources import SourceSpec, read_block
+from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError, RowsError
 from ..messages import BatchDone, BatchFailed, BlockDone, InferBatch, WorkerReady, WorkerSpec
 from ..models.base import Column, Runner, StageTimer, TensorInfo, run_block
-from ..models.registry import load_runner
+from ..models.families import load_runner
 from .process import limit_threads
 
 __all__ = ["Replica", "error_info", "limit_threads"]
@@ -77,7 +78,12 @@ class Replica:
         """Serving: one batch of rows now, outputs in row order (or the error, as data)."""
         start = time.perf_counter()
         try:
-            outputs = self._infer(message.inputs)
+            try:
+                outputs = self._infer(message.inputs)
+            except RowsError as exc:  # rows of the batch (a lone request's, when the client hears it)
+                if not exc.rows:
+                    raise
+                raise exc.with_message(f"{name_rows(exc.rows)}: {exc.error.message}") from None
         except Exception as exc:
             return BatchFailed(self.worker, message.batch_id, error_info(exc))
         return BatchDone(self.worker, message.batch_id, outputs, time.perf_counter() - start)
@@ -96,9 +102,13 @@ class Replica:
         t = timer.add("read", t)
         try:
             outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)
-        except ModelInputError as exc:
-            where = describe_row(self.spec.source, block.start)
-            raise ModelInputError(f"{where} (block {block.id}): {exc}") from None
+        except RowsError as exc:  # the input's absolute rows, named once
+            at_fault = [block.start + r for r in exc.rows] or range(block.start, block.stop)
+            where = describe_rows(self.spec.source, at_fault)
+            raise exc.with_message(f"{where}: {exc.error.message}") from None
+        except ModelInputError as exc:  # about the block's column as a whole
+            where = describe_rows(self.spec.source, range(block.start, block.stop))
+            raise ModelInputError(f"{where}: {exc}") from None
         t = time.perf_counter()
         rows = np.arange(block.start, block.stop, dtype=np.int64)
         _check_rows(outputs, block.rows)
@@ -108,6 +118,33 @@ class Replica:
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
             self.runner.group_stats(),
         )
+
+
+def describe_rows(source: SourceSpec, rows: Sequence[int]) -> str:
+    """Where input rows are, for messages: "data.npy row 137", "data.txt rows 130-137, 141
+    (lines 131-138, 142)": 0-based rows (as in the output's `row` column), and the 1-based
+    lines or CSV records of a text file."""
+    file = name_of(source.path)
+    unit = {"text": "line", "jsonl": "line", "csv": "record"}.get(source.format)
+    where = f"{file} {name_rows(rows)}"
+    if unit is None:
+        return where
+    return f"{where} ({name_rows([r + 1 for r in rows], unit)})"
+
+
+def name_rows(rows: Sequence[int], unit: str = "row", most: int = 6) -> str:
+    """"row 7", "rows 130-137, 141", or the first `most` runs and how many rows in all."""
+    ordered = sorted(set(rows))
+    runs: list[tuple[int, int]] = []
+    for r in ordered:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], r)
+        else:
+            runs.append((r, r))
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:most])
+    if len(runs) > most:
+        text += f", ... ({len(ordered)} {unit}s)"
+    return f"{unit} {text}" if len(ordered) == 1 else f"{unit}s {text}"
 
 
 def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
@@ -126,13 +163,10 @@ def _load(spec: WorkerSpec) -> Runner:
     if spec.strategy == "tensor":
         from .tensor import TensorParallelRunner
 
-        return TensorParallelRunner(spec.model.name, spec.model.kind, spec.tensor_parallel, spec.threads,
-                                    spec.device, comm=spec.tensor_comm)
-    from ..models.staged import staged_model
+        return TensorParallelRunner(spec.model, spec.tensor_parallel, spec.threads, spec.device,
+                                    comm=spec.tensor_comm)
     from .pipeline import PipelineRunner
 
-    staged = staged_model(spec.model.name, spec.model.kind)
-    if staged is None:
-        raise ModelError(f"model '{spec.model.name}' cannot be cut into pipeline stages")
+    staged = spec.model.family.staged(spec.model)
     return PipelineRunner(staged, spec.stages, spec.threads, spec.device, spec.stage_transport,
                           spec.stage_options, spec.stage_slot_bytes)

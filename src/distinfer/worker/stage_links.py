@@ -11,11 +11,17 @@
   pipeline may span machines. The stage actors are owned by stage 0's actor and die with it.
 
 Each item is `(activation, figures)`; every stage appends its cumulative `MemberFigures`.
+
+A stage whose layers raise passes a `StageFailed` on instead of an activation (the error as
+`ErrorInfo`, where it happened); the later stages forward it without computing. So every
+micro-batch sent in yields exactly one item back, and the links stay aligned for the next
+block: a model's failure is a result, only a lost stage process or actor ends the group.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import signal
@@ -25,13 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ErrorInfo, ModelError, RowsError
+from ..logs import log_to_stderr
 from ..models.staged import StagedModel
 from .process import host_label, limit_threads, peak_rss
 from .shm_channel import ShmChannel
 
 __all__ = [
-    "MemberFigures", "StageLinks", "StageLost", "host_label", "peak_rss", "stage_device", "start_links",
+    "MemberFigures", "StageFailed", "StageLinks", "StageLost", "host_label", "peak_rss", "stage_device",
+    "start_links",
 ]
 
 _READY_TIMEOUT_S = 600.0
@@ -40,6 +48,35 @@ DEFAULT_SLOT_BYTES = 32 * 2**20  # per activation buffer between two local stage
 
 class StageLost(Exception):
     """A stage process or actor is gone; the group cannot go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageFailed:
+    """What travels in place of an activation once a stage raised on the micro-batch."""
+
+    error: ErrorInfo
+    stage: int  # the first layer of the stage that raised
+    row: int | None = None  # the row of the micro-batch at fault, when the error names it
+
+    @classmethod
+    def caught(cls, exc: BaseException, stage: int) -> StageFailed:
+        """`exc`, just caught in the stage starting at layer `stage`."""
+        failure = RowsError.caught(exc)
+        return cls(failure.error, stage, failure.row)
+
+    def raised(self, batch: int) -> RowsError:
+        """The error to raise in stage 0 for micro-batch `batch`."""
+        return RowsError(self.error, batch=batch, row=self.row)
+
+
+def run_stage(stage: Any, x: Any, start: int) -> Any:
+    """The stage's output for `x`; a `StageFailed` when `x` is one or the stage raises."""
+    if isinstance(x, StageFailed):
+        return x
+    try:
+        return stage(x)
+    except Exception as exc:
+        return StageFailed.caught(exc, start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +112,8 @@ class StageLinks(ABC):
 
     @abstractmethod
     def receive(self, timeout: float) -> tuple[Any, list[MemberFigures]] | None:
-        """The next micro-batch's outputs (in order) and figures, or None after `timeout`."""
+        """The next micro-batch's outputs (in order; a `StageFailed` when a stage raised) and
+        figures, or None after `timeout`."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -90,7 +128,7 @@ def start_links(
     return _LocalLinks(staged, stages, threads, device, slot_bytes)
 
 
-# -- local: child processes and torch queues -------------------------------------------------
+# -- local: child processes and shared-memory rings ------------------------------------------
 
 
 def _stage_main(
@@ -99,6 +137,7 @@ def _stage_main(
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)
+    log_to_stderr(logging.WARNING)
     try:
         stage = staged.build_stage(start, stop, device, threads)
     except Exception as exc:
@@ -124,7 +163,7 @@ def _stage_main(
             return
         x, figures = item
         t = time.perf_counter()
-        y = stage(x)
+        y = run_stage(stage, x, start)
         took = time.perf_counter() - t
         busy += took
         t = time.perf_counter()
@@ -205,6 +244,7 @@ class RayStage:
 
     def __init__(self, staged: StagedModel, start: int, stop: int, threads: int, device: str) -> None:
         limit_threads(threads)
+        self.start = start
         self.stage = staged.build_stage(start, stop, device, threads)
         self.busy = self.comm = 0.0
 
@@ -222,7 +262,7 @@ class RayStage:
         x = ray.get(refs[0])
         self.comm += time.perf_counter() - t
         t = time.perf_counter()
-        y = self.stage(x)
+        y = run_stage(self.stage, x, self.start)  # a failure is a result: the calls after stay in order
         took = time.perf_counter() - t
         self.busy += took
         t = time.perf_counter()
@@ -268,12 +308,17 @@ class _RayLinks(StageLinks):
         if not ready:
             return None
         try:
-            refs, figures = self.ray.get(self.pending.popleft())
+            refs, figures = self.ray.get(self.pending.popleft())  # taken out first: no stale entry
             return self.ray.get(refs[0]), figures
         except self.ray.exceptions.RayActorError as exc:
             raise StageLost(f"a pipeline stage actor was lost: {_first_line(exc)}") from None
         except self.ray.exceptions.RayTaskError as exc:
-            raise ModelError(f"a pipeline stage failed: {_first_line(exc)}") from None
+            # Not the layers (RayStage.run catches theirs) but the call itself: still this
+            # micro-batch's one result, so the items after it stay aligned.
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+            info = (ErrorInfo.from_exception(cause) if cause is not None
+                    else ErrorInfo(type(exc).__name__, _first_line(exc), False))
+            return StageFailed(info, -1), []
 
     def close(self) -> None:
         for actor in self.actors:

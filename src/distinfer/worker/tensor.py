@@ -17,6 +17,19 @@ worker does not run into collective timeouts; afterwards each reports its busy s
 communication seconds (broadcasts and all-reduces, waiting for the other ranks included) and
 peak memory on a status queue (`group_stats`).
 
+A model that raises is a result, not a loss. Every rank runs the same code on the same
+broadcast micro-batch; each catches a failure of its shards per micro-batch and goes on
+with the block's announced micro-batches (computing the rest, as if nothing happened), so
+the ranks stay in step when the failure happens at the same point on every rank, or on a
+rank after its last collective of the micro-batch (rank 0's head or pooling, say). Ranks
+1..N-1 report their first failure with their figures; rank 0 raises the first failing
+micro-batch's error (a `RowsError`, kind and fatality kept) once every rank is done with the
+block, and the group takes the next one. Each rank also reports its `Comm.progress`
+(collectives and barriers so far): a rank that differs from rank 0 is out of step and the
+group ends as lost. A failure that leaves the ranks out of step (one rank raised before a
+collective that the others entered) is not survived: the others wait in that collective
+until its timeout (`_COLLECTIVE_TIMEOUT_S`), then the group ends as lost, as below.
+
 To the scheduler and the backend the group is one worker: if a rank process dies, rank 0's
 next collective fails (gloo raises on a closed peer; a shared-memory wait polls the ranks'
 liveness every second), or the figures do not arrive; rank 0 then prints why on stderr and
@@ -26,23 +39,23 @@ rank whose parent is gone exits by itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
 import signal
-import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import ErrorInfo, ModelError, RowsError
+from ..logs import log, log_to_stderr
 from ..models.base import Batches, Column, GroupStats, Runner
-from ..models.sharding import AllReduce, tensor_parallel_problem
+from ..models.family import ModelSpec, ShardedForm
 from .collectives import CHUNK_BYTES, GroupLost, make_comm
 from .process import host_label, limit_threads, peak_rss
 
@@ -57,48 +70,13 @@ def _rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", rank) if torch.device(device).type == "cuda" else torch.device("cpu")
 
 
-class _RankModel:
-    """One rank's shards of a model; `__call__(ids, mask)` runs a micro-batch and returns the
-    outputs on rank 0 (None on the other ranks)."""
-
-    def __init__(self, model_name: str, kind: str, rank: int, world: int, all_reduce: AllReduce,
-                 device: torch.device) -> None:
-        self.kind = kind
-        self.rank = rank
-        self.model: torch.nn.Module
-        if kind == "decoder":
-            from ..models.decoder import parse_decoder_name
-            from ..models.sharding import ShardedDecoder
-
-            config = parse_decoder_name(model_name)
-            assert config is not None
-            self.model = ShardedDecoder(config, rank, world, all_reduce, device)
-        else:
-            from ..models.minilm import minilm_path
-            from ..models.sharding import ShardedBert
-
-            self.model = ShardedBert(minilm_path(), rank, world, all_reduce, device)
-
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray] | None:
-        with torch.inference_mode():
-            out = self.model(ids, mask)
-            if self.rank != 0:
-                return None
-            if self.kind == "decoder":
-                from ..models.decoder_stages import decoder_outputs
-
-                return decoder_outputs(out)
-            from ..models.minilm import mean_pool
-
-            return mean_pool(out, mask)
-
-
 def _rank_main(
-    model_name: str, kind: str, rank: int, world: int, threads: int, device: str,
+    sharded: ShardedForm, rank: int, world: int, threads: int, device: str,
     plan: tuple[Any, ...], control: Any, status: Any,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)
+    log_to_stderr(logging.WARNING)
     dev = _rank_device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -109,7 +87,7 @@ def _rank_main(
 
     comm = make_comm(plan, rank, world, dev, orphaned)
     try:
-        model = _RankModel(model_name, kind, rank, world, comm.all_reduce, dev)
+        model = sharded.build_rank(rank, world, comm.all_reduce, dev)
     except Exception as exc:
         status.put(("error", rank, f"{type(exc).__name__}: {exc}"))
         return
@@ -130,23 +108,38 @@ def _rank_main(
             _, shapes = message
             start = time.perf_counter()
             comm_before = comm.seconds
-            for shape in shapes:
+            failure: RankFailure | None = None
+            for i, shape in enumerate(shapes):
                 packed = torch.empty((2, *shape), dtype=torch.int64, device=dev)
                 comm.broadcast(packed)  # token ids and mask
-                model(packed[0], packed[1])
+                try:
+                    model(packed[0], packed[1])
+                except GroupLost:
+                    raise
+                except Exception as exc:  # a result: go on with the block's micro-batches, in step
+                    if failure is None:
+                        failure = _failure(exc, i)
             wall = time.perf_counter() - start
             comm_s = comm.seconds - comm_before
-            status.put(("figures", rank, (wall - comm_s, comm_s, peak_rss())))
+            status.put(("figures", rank, (wall - comm_s, comm_s, peak_rss()), comm.progress, failure))
     except Exception as exc:
         # A collective failed (rank 0 or another rank is gone; rank 0 reports it) or the model
         # did. Leave without running finalisers that could wait on the broken group.
         if not isinstance(exc, GroupLost):
-            traceback.print_exc()
-            sys.stderr.flush()
+            log.exception("tensor-parallel rank %d failed", rank)
         os._exit(1)
     status.close()
     status.join_thread()  # what was put reaches rank 0
     os._exit(0)
+
+
+RankFailure: TypeAlias = tuple[int, ErrorInfo, int | None]
+"""A rank's first failure in a block: (micro-batch, error, row of the micro-batch or None)."""
+
+
+def _failure(exc: BaseException, batch: int) -> RankFailure:
+    caught = RowsError.caught(exc)
+    return batch, caught.error, caught.row
 
 
 def resolve_comm(device: str, world: int, comm: str = "auto") -> tuple[str, str | None]:
@@ -168,8 +161,8 @@ def resolve_comm(device: str, world: int, comm: str = "auto") -> tuple[str, str 
 
 
 class TensorParallelRunner(Runner):
-    """`model_name` (`decoder-SIZE` or `minilm`, of ModelSpec kind `kind`) sharded over `world`
-    ranks: this process is rank 0, ranks 1..world-1 are child processes using `threads`
+    """`spec`'s model sharded over `world` ranks (its family's `sharded` form; see
+    models/family.py): this process is rank 0, ranks 1..world-1 are child processes using `threads`
     threads each (this process keeps its own thread settings). See the module docstring.
 
     `comm` picks how the ranks exchange tensors: "shm" (shared memory, CPU only), "gloo"
@@ -177,20 +170,17 @@ class TensorParallelRunner(Runner):
     is shm on the CPU and NCCL with device "cuda".
     """
 
-    def __init__(self, model_name: str, kind: str, world: int, threads: int, device: str = "cpu",
+    def __init__(self, spec: ModelSpec, world: int, threads: int, device: str = "cpu",
                  *, comm: str = "auto") -> None:
-        problem = tensor_parallel_problem(model_name, kind, world)
+        problem = spec.family.shard_problem(spec, world)
         if problem is not None:
             raise ModelError(problem)
         dev = _rank_device(device, 0)
         comm, problem = resolve_comm(device, world, comm)
         if problem is not None:
             raise ModelError(problem)
-        from ..models.staged import staged_model
-
-        staged = staged_model(model_name, kind)
-        assert staged is not None
-        self.preparer = staged.preparer(device)
+        sharded = spec.family.sharded(spec)
+        self.preparer = sharded.preparer(device)
         self.input_names = self.preparer.input_names
         self.world = world
         self.device = dev
@@ -215,13 +205,13 @@ class TensorParallelRunner(Runner):
             for rank in range(1, world):
                 proc = ctx.Process(
                     target=_rank_main,
-                    args=(model_name, kind, rank, world, threads, device, plan,
+                    args=(sharded, rank, world, threads, device, plan,
                           self._controls[rank - 1], self._status),
                     name=f"distinfer-rank-{rank}", daemon=True,
                 )
                 proc.start()
                 self._procs.append(proc)
-            self._model = _RankModel(model_name, kind, 0, world, self._comm.all_reduce, dev)
+            self._model = sharded.build_rank(0, world, self._comm.all_reduce, dev)
             self._wait_ready()
             here = host_label()
             self.hosts = (here, *(f"{here.split(' pid ')[0]} pid {p.pid}" for p in self._procs))
@@ -273,38 +263,52 @@ class TensorParallelRunner(Runner):
         for control in self._controls:
             control.put(("run", shapes))
         results: list[dict[str, np.ndarray]] = []
+        failures: dict[int, RankFailure] = {}  # rank -> its first failure in this block
         try:
-            for ids, mask in batches:
+            for i, (ids, mask) in enumerate(batches):
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 self._comm.broadcast(torch.stack((ids, mask.to(torch.int64))))
-                out = self._model(ids, mask)
+                try:
+                    out = self._model(ids, mask)
+                except GroupLost:
+                    raise
+                except Exception as exc:  # a result: go on with the block's micro-batches, in step
+                    failures.setdefault(0, _failure(exc, i))
+                    results.append({})
+                    continue
                 assert out is not None
                 results.append(out)
         except GroupLost as exc:
             self._lost(str(exc))
         except Exception as exc:
-            # The other ranks are left inside this micro-batch's collectives: the group is
-            # out of step for good, so it ends like a lost rank.
-            traceback.print_exc()
+            # Not the model but the broadcast around it: the other ranks may be left inside
+            # this micro-batch's collectives, out of step for good, so it ends like a lost rank.
+            log.exception("tensor-parallel rank 0 failed around a collective")
             self._lost(f"rank 0 failed: {type(exc).__name__}: {exc}")
         wall = time.perf_counter() - start
         comm_s = self._comm.seconds - comm_before
         figures = {0: (wall - comm_s, comm_s, peak_rss())}
-        figures.update(self._collect_figures())
+        figures.update(self._collect_figures(self._comm.progress, failures))
         ranks = range(self.world)
         self._stats = GroupStats(
             kind="rank", wall_s=time.perf_counter() - start, micro_batches=len(batches),
             busy_s=tuple(figures[r][0] for r in ranks), comm_s=tuple(figures[r][1] for r in ranks),
             peak_rss=tuple(figures[r][2] for r in ranks),
         )
+        if failures:  # the first micro-batch that failed on any rank (rank 0's, on a tie)
+            batch, error, row = min(failures.values(), key=lambda f: f[0])
+            raise RowsError(error, batch=batch, row=row)
         return results
 
-    def _collect_figures(self) -> dict[int, tuple[float, float, int]]:
+    def _collect_figures(self, progress: tuple[int, int], failures: dict[int, RankFailure]
+                         ) -> dict[int, tuple[float, float, int]]:
+        """Each other rank's figures for the block (and its failure, into `failures`); a rank
+        whose `Comm.progress` differs from rank 0's is out of step: the group is lost."""
         figures: dict[int, tuple[float, float, int]] = {}
         deadline = time.monotonic() + _COLLECTIVE_TIMEOUT_S
         while len(figures) < self.world - 1:
             try:
-                kind, rank, value = self._status.get(timeout=_POLL_S)
+                kind, rank, value, *rest = self._status.get(timeout=_POLL_S)
             except queue.Empty:
                 dead = self._dead_rank()
                 if dead is not None:
@@ -312,8 +316,16 @@ class TensorParallelRunner(Runner):
                 if time.monotonic() > deadline:
                     self._lost(f"no figures from the other ranks within {_COLLECTIVE_TIMEOUT_S:.0f} s")
                 continue
-            if kind == "figures":
-                figures[rank] = value
+            if kind != "figures":
+                continue
+            figures[rank] = value
+            rank_progress, failure = rest
+            if failure is not None:
+                failures.setdefault(rank, failure)
+            if tuple(rank_progress) != progress:
+                why = f" after rank {rank}'s {failure[1].kind}: {failure[1].message}" if failure else ""
+                self._lost(f"rank {rank} made {rank_progress[0]} collectives in all, rank 0 {progress[0]} "
+                           f"(barriers: {rank_progress[1]}, {progress[1]}): the ranks are out of step{why}")
         return figures
 
     def _lost(self, why: str) -> NoReturn:
@@ -325,7 +337,8 @@ class TensorParallelRunner(Runner):
             if not proc.is_alive():
                 break
         why = self._dead_rank() or why
-        print(f"distinfer: tensor-parallel group lost: {why}", file=sys.stderr, flush=True)
+        log_to_stderr(logging.WARNING)  # this process ends now: its reason must reach stderr
+        log.critical("tensor-parallel group lost: %s", why)
         os._exit(3)
 
     def group_stats(self) -> GroupStats | None:
