@@ -178,3 +178,28 @@ def test_serving_on_ray_replicas_answers_like_the_batch_engine(cluster: Cluster,
         got = torch.tensor([row for a in answers for row in a.json()["outputs"]["embedding"]])
     want = run_block(MiniLMRunner(), {"text": texts}, 8, StageTimer())["embedding"]
     torch.testing.assert_close(got, torch.from_numpy(want))
+
+
+def test_a_ray_pipeline_stage_that_raises_fails_the_block_and_goes_on(cluster: Cluster) -> None:
+    from distinfer.errors import RowsError
+    from distinfer.models import parse_model
+    from distinfer.models.base import StageTimer, run_block
+    from distinfer.worker.pipeline import PipelineRunner
+    from distinfer.worker.stage_links import _RayLinks
+
+    spec = parse_model("toy_models:guarded_mlp")  # its NaN guard is in the last stage
+    runner = PipelineRunner(spec.family.staged(spec), ((0, 4), (4, 8)), 1, transport="ray",
+                            stage_options={"num_cpus": 1})
+    try:
+        data = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)
+        want = run_block(runner, {"input": data}, 16, StageTimer())
+        bad = data.copy()
+        bad[20, 3] = np.nan
+        with pytest.raises(RowsError) as caught:
+            run_block(runner, {"input": bad}, 16, StageTimer())
+        assert caught.value.error.kind == "AssertionError" and caught.value.rows == tuple(range(16, 32))
+        assert isinstance(runner.links, _RayLinks) and not runner.links.pending  # no call left behind
+        got = run_block(runner, {"input": data}, 16, StageTimer())
+        np.testing.assert_array_equal(got["output"], want["output"])
+    finally:
+        runner.close()

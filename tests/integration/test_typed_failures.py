@@ -33,7 +33,6 @@ from distinfer.serving.config import ServeConfig
 from distinfer.serving.main import worker_spec
 from distinfer.worker.pipeline import PipelineRunner
 from distinfer.worker.replica import name_rows
-from distinfer.worker.stage_links import _RayLinks
 from distinfer.worker.tensor import TensorParallelRunner
 
 register()
@@ -173,30 +172,6 @@ def test_a_pipeline_job_fails_the_block_on_the_same_group(tmp_path: Path) -> Non
     failed = [m for m in watched.said if isinstance(m, BlockFailed)]
     assert [(m.worker, m.block) for m in failed] == [(0, 2)] * 3
     assert manifest(out)["complete"] is False
-
-
-def test_a_ray_pipeline_stage_that_raises_fails_the_block_and_goes_on() -> None:
-    ray = pytest.importorskip("ray")
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        runner = PipelineRunner(guarded_spec(), ((0, 4), (4, 8)), 1, transport="ray",
-                                stage_options={"num_cpus": 1})
-        data = vectors(64)
-        want = run_block(runner, {"input": data}, BATCH, StageTimer())
-        bad = data.copy()
-        bad[20, 3] = np.nan
-        with pytest.raises(RowsError) as caught:
-            run_block(runner, {"input": bad}, BATCH, StageTimer())
-        assert caught.value.error.kind == "AssertionError" and caught.value.rows == tuple(range(16, 32))
-        assert isinstance(runner.links, _RayLinks) and not runner.links.pending  # no call left behind
-        got = run_block(runner, {"input": data}, BATCH, StageTimer())
-        np.testing.assert_array_equal(got["output"], want["output"])
-        runner.close()
-    finally:
-        if owned:
-            ray.shutdown()
 
 
 # -- tensor parallelism --------------------------------------------------------------------
