@@ -43,7 +43,7 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
     _layout_args(p)
-    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds (default 600)")
+    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds; a replacement worker still loading after this long is stopped and replaced (default 600)")
     p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
     p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
     p.add_argument("--baseline-throughput", type=float, metavar="ROWS_PER_S", help="one worker's throughput (from 'distinfer bench'), for the scaling efficiency in the report")
@@ -112,7 +112,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help="on SIGTERM, seconds queued and running requests may take before the server exits (default 30)")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 16 MiB)")
     p.add_argument("--max-restarts", type=int, help="replacement replicas over the server's life (default 10)")
-    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="exit with an error when no replica is warm after this many seconds (default 600)")
+    p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="exit with an error when no replica is warm after this many seconds; a replica still loading this long after its own start is stopped and replaced (default 600)")
     _layout_args(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
