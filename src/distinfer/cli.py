@@ -31,7 +31,7 @@ def _run_parser(sub: Any) -> None:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", metavar="FILE", help="job file (.toml/.yaml) with these options; flags override it")
-    p.add_argument("--model", "-m", help="built-in model (minilm), an .onnx file, a TorchScript/.pt2 file, or package.module:factory")
+    p.add_argument("--model", "-m", help="built-in model (minilm, decoder-SIZE, gemma3-270m), an .onnx file, a TorchScript/.pt2 file, package.module:factory, or a text-generation model: a .gguf file or a Hugging Face model directory (Gemma 3, Llama, Mistral, Qwen2)")
     p.add_argument("--input", "-i", help="input file: .txt (a row per line), .jsonl, .csv, .parquet, .npy")
     p.add_argument("--output", "-o", metavar="DIR", help="output directory (Parquet data set, _manifest.json, _report.json)")
     p.add_argument("--workers", "--replicas", "-w", dest="workers", type=int, help="replicas (default 2): worker processes, or pipelines / tensor-parallel groups with --strategy pipeline/tensor")
@@ -65,6 +65,19 @@ def _layout_args(p: Any) -> None:
     p.add_argument("--stages", type=int, help="pipeline: stages per worker (default 2, or the fewest that fit --worker-memory)")
     p.add_argument("--cuts", type=_cuts, help="pipeline: explicit cut points, the first layer of stages 2.. (e.g. 4,9); see 'distinfer plan'")
     p.add_argument("--worker-memory", help="memory limit per worker process, e.g. 3GiB: pipeline stages are cut to fit it, and a model larger than it is refused for --strategy data")
+    g = p.add_argument_group("text generation (gemma3-270m, .gguf files, Hugging Face model directories)")
+    g.add_argument("--task", choices=["generate"], help="generate: prompts in (column 'prompt', or 'messages' for a chat), completions out; the default for generation models")
+    g.add_argument("--max-tokens", type=int, help="new tokens per row at most (default 128; a 'max_tokens' column overrides it per row)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default); higher samples more freely (a 'temperature' column overrides it)")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this much probability (default 1)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens, at most 64 (default 0: all 64 candidates)")
+    g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one (default 0)")
+    g.add_argument("--seed", type=int, help="sampling seed; row r uses seed + r unless a 'seed' column gives it, so a row's text does not depend on the worker or the strategy (default 0)")
+    g.add_argument("--stop", action="append", help="a string that ends a completion, cut from its text (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token up to --max-tokens (for benchmarks)")
+    g.add_argument("--max-running", type=int, help="sequences a replica advances together, continuous batching (default 32)")
+    g.add_argument("--kv-cache-memory", help="KV cache of one replica, all its stages or ranks together, e.g. 512MiB (default 1GiB); when full, sequences are preempted and recomputed later")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default float32; GGUF weights are dequantised to it)")
 
 
 def _cuts(text: str) -> tuple[int, ...]:
@@ -201,6 +214,8 @@ def _cmd_run(args: dict[str, Any]) -> int:
     if "worker_resources" in args:
         args["worker_resources"] = dict(args["worker_resources"])
     options.setdefault("progress", None)  # the CLI draws a bar on a terminal; the API does not
+    if "stop" in args:
+        args["stop"] = tuple(args["stop"])
     options.update(args)
     report = run(RunConfig.build(options))
     print(report.summary(), file=sys.stderr)

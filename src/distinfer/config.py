@@ -15,7 +15,7 @@ from typing import Any
 import tomllib
 
 from .errors import ConfigError
-from .messages import BackendName, Device, Strategy, TensorComm
+from .messages import BackendName, Device, Strategy, TensorComm, sampling_problem
 
 __all__ = ["RunConfig", "load_job_file"]
 
@@ -30,7 +30,7 @@ class RunConfig:
     workers: int = 2  # replicas: a whole model each, or one pipeline / tensor-parallel group each
     threads_per_worker: int | None = None  # None: the machine's cores divided among workers
     batch_size: int = 64
-    block_size: int = 1024  # rows per block once the job is under way
+    block_size: int | None = None  # rows per block once under way (None: 1024; generation: 4 x max_running)
     min_block_size: int | None = None  # first and last blocks; None: batch_size
     column: str | None = None
     input_format: str | None = None
@@ -52,6 +52,19 @@ class RunConfig:
     start_timeout_s: float = 600.0
     baseline_throughput: float | None = None  # rows/s of one worker, for the efficiency figure
     progress: bool | None = False  # None: a progress bar when stderr is a terminal (the CLI's default)
+    # text generation (--task generate, the default for generation models)
+    task: str | None = None  # "generate", or None: the model's own task
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    max_running: int = 32
+    kv_cache_memory: str = "1GiB"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -60,7 +73,7 @@ class RunConfig:
         positive = {
             "workers": self.workers,
             "batch_size": self.batch_size,
-            "block_size": self.block_size,
+            "block_size": self.block_size or 1,
             "prefetch": self.prefetch,
             "threads_per_worker": self.threads_per_worker or 1,
             "min_block_size": self.min_block_size or 1,
@@ -70,7 +83,7 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        if self.min_block_size is not None and self.min_block_size > self.block_size:
+        if self.min_block_size is not None and self.min_block_size > (self.block_size or 1024):
             raise ConfigError("--min-block-size must not exceed --block-size")
         if self.backend not in ("local", "ray"):
             raise ConfigError(f"--backend must be local or ray, got {self.backend!r}")
@@ -102,6 +115,20 @@ class RunConfig:
             raise ConfigError("--tensor-comm shm and gloo work on the CPU, nccl with --device cuda")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        if self.task not in (None, "generate"):
+            raise ConfigError(f"--task must be generate (or left out), got {self.task!r}")
+        for name in ("max_tokens", "max_running"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p)
+        if problem:
+            raise ConfigError(f"--{problem}")
 
     @property
     def group_size(self) -> int:
@@ -121,7 +148,7 @@ class RunConfig:
 
     @property
     def first_block_size(self) -> int:
-        return min(self.min_block_size or self.batch_size, self.block_size)
+        return min(self.min_block_size or self.batch_size, self.block_size or 1024)
 
     @classmethod
     def build(cls, options: Mapping[str, Any]) -> RunConfig:

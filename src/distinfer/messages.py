@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .models.family import ModelSpec
 
 __all__ = [
+    "SAMPLING_CANDIDATES",
     "Action",
     "Assign",
     "BackendName",
@@ -49,6 +50,8 @@ __all__ = [
     "Device",
     "Event",
     "Finish",
+    "GenerationOptions",
+    "GenerationStats",
     "GroupStats",
     "InferBatch",
     "Order",
@@ -64,6 +67,7 @@ __all__ = [
     "WorkerMessage",
     "WorkerReady",
     "WorkerSpec",
+    "sampling_problem",
 ]
 
 Strategy: TypeAlias = Literal["data", "pipeline", "tensor"]  # how one replica holds the model
@@ -74,6 +78,62 @@ StageTransport: TypeAlias = Literal["local", "ray"]  # how pipeline stages are l
 
 
 # --- records carried by messages ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """A text-generation job's settings (`--task generate`); per-row columns may override
+    the sampling ones. Part of the model spec, so a resumed job must use the same."""
+
+    max_tokens: int = 128  # new tokens per row, at most
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit (within the sampler's candidates)
+    min_p: float = 0.0
+    seed: int = 0  # a row's seed is this plus its row number, unless a 'seed' column gives it
+    stop: tuple[str, ...] = ()  # strings that end a completion (cut from its text)
+    ignore_eos: bool = False  # go on to max_tokens (benchmarks)
+    max_running: int = 32  # sequences one replica advances together
+    kv_cache_bytes: int = 1 << 30  # the KV cache of one replica, all its stages or ranks together
+    step_tokens: int = 256  # tokens fed per step at most (prompts are prefilled in chunks of it)
+    dtype: str = "float32"  # weights and activations: float32 or bfloat16
+
+    def problem(self) -> str | None:
+        """Why the sampling settings are out of range, naming the option; None when fine."""
+        return sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p)
+
+
+#: tokens per sequence that sampling considers (models/llm/sampling.py)
+SAMPLING_CANDIDATES = 64
+
+
+def sampling_problem(temperature: float, top_k: int, top_p: float, min_p: float) -> str | None:
+    """Why sampling parameters are out of range ("temperature must be >= 0, got -1"); None if fine."""
+    if not (temperature >= 0 and temperature != float("inf")):
+        return f"temperature must be >= 0, got {temperature}"
+    if not 0 <= top_k <= SAMPLING_CANDIDATES:
+        return f"top_k must be between 0 (no limit) and {SAMPLING_CANDIDATES}, got {top_k}"
+    if not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1], got {top_p}"
+    if not 0 <= min_p <= 1:
+        return f"min_p must be in [0, 1], got {min_p}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    """What a replica's generation engine did over one block."""
+
+    prompt_tokens: int = 0  # prefilled (recomputed ones after a preemption included)
+    generated_tokens: int = 0
+    steps: int = 0
+    running_sum: int = 0  # sequences per step, summed: / steps = the mean running batch
+    preemptions: int = 0
+    peak_kv_pages: int = 0
+    kv_pages: int = 0  # pages the replica's cache holds
+    kv_cache_bytes: int = 0  # what they take, all stages or ranks together
+    first_token_s: float | None = None  # from the block's first request to its first token
+    model_s: float = 0.0  # the block's generation, end to end
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +233,7 @@ class BlockDone:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage of the worker's loop
     elapsed_s: float = 0.0  # since the worker became ready
     group: GroupStats | None = None  # pipeline stages / tensor ranks, this block
+    generation: GenerationStats | None = None  # a generation job's engine, this block
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from .messages import GenerationStats
     from .models.base import GroupStats
 
-__all__ = ["GroupSummary", "JobReport", "Progress", "WorkerStats"]
+__all__ = ["GenerationSummary", "GroupSummary", "JobReport", "Progress", "WorkerStats"]
 
 # Stages in which a worker does the model's own work; the rest is the engine's overhead.
 MODEL_STAGES = ("preprocess", "model")
@@ -106,6 +107,57 @@ class GroupSummary:
 
 
 @dataclass
+class GenerationSummary:
+    """A generation engine's figures, summed over blocks (one worker's, or the job's)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    running_sum: int = 0
+    preemptions: int = 0
+    peak_kv_pages: int = 0
+    kv_pages: int = 0
+    kv_cache_bytes: int = 0
+    model_s: float = 0.0  # the engine's time on its blocks
+    first_token_s: float | None = None  # the first block's, from its first request
+
+    def add(self, g: GenerationStats | GenerationSummary) -> None:
+        self.prompt_tokens += g.prompt_tokens
+        self.generated_tokens += g.generated_tokens
+        self.steps += g.steps
+        self.running_sum += g.running_sum
+        self.preemptions += g.preemptions
+        self.peak_kv_pages = max(self.peak_kv_pages, g.peak_kv_pages)
+        self.kv_pages = max(self.kv_pages, g.kv_pages)
+        self.kv_cache_bytes = max(self.kv_cache_bytes, g.kv_cache_bytes)
+        self.model_s += g.model_s
+        if self.first_token_s is None:
+            self.first_token_s = g.first_token_s
+
+    @property
+    def mean_running(self) -> float:
+        return self.running_sum / self.steps if self.steps else 0.0
+
+    @property
+    def kv_peak_use(self) -> float:
+        return self.peak_kv_pages / self.kv_pages if self.kv_pages else 0.0
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        return {"generated_tokens_per_s": self.generated_tokens / seconds if seconds > 0 else 0.0,
+                "prompt_tokens_per_s": self.prompt_tokens / seconds if seconds > 0 else 0.0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean_running": self.mean_running, "kv_peak_use": self.kv_peak_use}
+
+    def line(self, seconds: float) -> str:
+        r = self.rates(seconds)
+        return (f"{self.generated_tokens} tokens generated ({r['generated_tokens_per_s']:.1f}/s), "
+                f"{self.prompt_tokens} prompt tokens ({r['prompt_tokens_per_s']:.1f}/s); mean running batch "
+                f"{self.mean_running:.1f}, KV cache peak {self.kv_peak_use:.0%} of "
+                f"{self.kv_cache_bytes / 2**20:.0f} MiB, {self.preemptions} preemptions")
+
+
+@dataclass
 class WorkerStats:
     worker: int
     pid: int = 0
@@ -119,10 +171,16 @@ class WorkerStats:
     ready: bool = False  # it loaded its model (pid, host and load_s are known)
     not_ready: str = ""  # why it never became ready ("still loading when the job ended", ...)
     group: GroupSummary | None = None  # a pipeline's stages or a tensor-parallel group's ranks
+    generation: GenerationSummary | None = None  # a generation job's engine
 
     def add_block(
-        self, rows: int, seconds: dict[str, float], elapsed_s: float, group: GroupStats | None = None
+        self, rows: int, seconds: dict[str, float], elapsed_s: float, group: GroupStats | None = None,
+        generation: GenerationStats | None = None,
     ) -> None:
+        if generation is not None:
+            if self.generation is None:
+                self.generation = GenerationSummary()
+            self.generation.add(generation)
         if group is not None:
             if self.group is None:
                 self.group = GroupSummary(group.kind)
@@ -181,6 +239,27 @@ class JobReport:
         return self.rows / span if span > 0 else 0.0
 
     @property
+    def generation(self) -> GenerationSummary | None:
+        """The job's generation figures (all workers), None for other models."""
+        parts = [w.generation for w in self.worker_stats if w.generation is not None]
+        if not parts:
+            return None
+        total = GenerationSummary()
+        for p in parts:
+            total.add(p)
+        firsts = [p.first_token_s for p in parts if p.first_token_s is not None]
+        total.first_token_s = min(firsts) if firsts else None
+        return total
+
+    def generation_dict(self) -> dict[str, Any] | None:
+        g = self.generation
+        if g is None:
+            return None
+        span = self.wall_s - self.startup_s
+        first = self.startup_s + g.first_token_s if g.first_token_s is not None else None
+        return {**g.to_dict(), **g.rates(span), "time_to_first_token_s": first}
+
+    @property
     def efficiency(self) -> float | None:
         if not self.baseline_throughput:
             return None
@@ -190,6 +269,7 @@ class JobReport:
         data = asdict(self)
         data.pop("worker_stats")
         data.update(
+            generation=self.generation_dict(),
             throughput=self.throughput,
             steady_throughput=self.steady_throughput,
             efficiency=self.efficiency,
@@ -197,6 +277,7 @@ class JobReport:
                 {
                     **asdict(w),
                     **({"group": w.group.to_dict()} if w.group else {}),
+                    **({"generation": w.generation.to_dict()} if w.generation else {}),
                     "busy_fraction": w.busy_fraction,
                     "overhead_fraction": w.overhead_fraction,
                     "fractions": w.fractions(),
@@ -215,6 +296,11 @@ class JobReport:
         ]
         if self.rows_resumed:
             lines.append(f"  resumed: {self.rows_resumed} rows were already done")
+        gen = self.generation_dict()
+        if gen is not None and self.generation is not None:
+            first = gen["time_to_first_token_s"]
+            lines.append(f"  generation: {self.generation.line(self.wall_s - self.startup_s)}"
+                         + (f"; first token {first:.1f} s after the start" if first is not None else ""))
         if self.efficiency is not None:
             ideal = self.workers * (self.baseline_throughput or 0.0)
             lines.append(
@@ -232,6 +318,8 @@ class JobReport:
                 f"  worker {w.worker} ({w.host} pid {w.pid}): {w.rows} rows, busy {w.busy_fraction:.0%}"
                 f" | {parts}{note}"
             )
+            if w.generation is not None:
+                lines.append(f"    {w.generation.line(w.elapsed_s)}")
             if w.group is not None:
                 lines.extend(w.group.lines())
         if self.restarts:
@@ -250,14 +338,16 @@ class Progress:
         self.started = time.monotonic()
         self._last_draw = 0.0
         self._first: tuple[float, int] | None = None  # (time, rows) of the first progress
+        self._first_tokens = 0
 
-    def update(self, done: int, force: bool = False) -> None:
+    def update(self, done: int, force: bool = False, tokens: int | None = None) -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self._last_draw < 0.2):
             return
         self._last_draw = now
         if self._first is None and done > 0:
             self._first = (now, done)
+            self._first_tokens = tokens or 0
         # The rate counts from the first finished rows, so start-up does not skew the ETA.
         since, base = self._first if self._first is not None else (self.started, 0)
         elapsed = now - since
@@ -266,9 +356,13 @@ class Progress:
         width = 30
         filled = int(width * done / self.total) if self.total else width
         eta_text = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
+        token_text = ""
+        if tokens is not None:
+            token_rate = (tokens - self._first_tokens) / elapsed if elapsed > 0 and done > base else 0.0
+            token_text = f" {token_rate:7.1f} tokens/s"
         self.stream.write(
             f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} rows "
-            f"{rate:7.1f} rows/s ETA {eta_text}"
+            f"{rate:7.1f} rows/s{token_text} ETA {eta_text}"
         )
         self.stream.flush()
 

@@ -1,12 +1,14 @@
 """Turning a block's raw values into the columns a model takes: list[str] or one stacked array.
 
 Strings stay Python strings (tokenizers want them); numbers and equal-length (nested) lists of
-numbers become one ndarray with the rows along axis 0. Anything else is an `InputError` that
+numbers become one ndarray with the rows along axis 0; objects and lists of objects (a chat's
+messages) become their JSON text, one string per row. Anything else is an `InputError` that
 names the row (through `where`, which describes row i of the block) and the field.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,13 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "list"
     return "null" if value is None else "object"
+
+
+def _is_structured(value: Any) -> bool:
+    """An object, or a list of objects (a chat), not a list of numbers or strings."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _values(shape: tuple[int, ...]) -> str:
@@ -61,6 +70,8 @@ def json_column(values: list[Any], field: str, where: Where) -> Column:
     """Strings → list[str]; numbers or equal-length lists of numbers → int64/float64 array."""
     if all(isinstance(v, str) for v in values):
         return list(values)
+    if any(_is_structured(v) for v in values):  # a chat's messages, say: kept as JSON text
+        return [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
     first = _kind(values[0])
     for i, value in enumerate(values):
         kind = _kind(value)

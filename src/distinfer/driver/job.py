@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from .. import messages as msg
 from ..backends import Backend, make_backend
@@ -21,9 +22,10 @@ from ..config import RunConfig
 from ..data.blocks import Block
 from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
-from ..errors import ErrorInfo, InputError, WorkersNotReadyError
+from ..errors import ConfigError, ErrorInfo, InputError, WorkersNotReadyError
 from ..models.families import parse_model
 from ..models.family import ModelSpec
+from ..planning import parse_memory
 from ..report import GroupSummary, JobReport, Progress, WorkerStats
 from ..scheduling import (
     Action,
@@ -66,11 +68,33 @@ def _job_identity(
     }
 
 
+def with_task(model: ModelSpec, config: RunConfig) -> ModelSpec:
+    """The model with its job's generation settings when it generates (`--task generate`,
+    the default for the families that generate); a model that cannot is refused."""
+    generates = model.family.generates
+    if config.task == "generate" and not generates:
+        raise ConfigError(f"--task generate needs a text-generation model (gemma3-270m, a .gguf file or a "
+                          f"Hugging Face model directory); '{model.name}' does not generate text")
+    if not generates:
+        return model
+    kv = parse_memory(config.kv_cache_memory, "--kv-cache-memory")
+    if kv < 1 << 20:
+        raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory} is too small; give at least 1MiB")
+    options = msg.GenerationOptions(
+        config.max_tokens, config.temperature, config.top_p, config.top_k, config.min_p, config.seed,
+        tuple(config.stop), config.ignore_eos, config.max_running, kv, dtype=config.dtype,
+    )
+    return replace(model, generation=options)
+
+
 class _Job:
     def __init__(self, config: RunConfig, backend_factory: Callable[[msg.WorkerSpec], Backend]):
         self.started = time.monotonic()
+        model = with_task(parse_model(config.model), config)
+        if model.generation is not None and config.block_size is None:  # a block: a few engine batches
+            config = config.with_options(block_size=4 * config.max_running,
+                                         min_block_size=config.min_block_size or config.max_running)
         self.config = config
-        model = parse_model(config.model)
         self.source = open_source(config.input, config.input_format)
         if config.column is not None and config.column not in self.source.columns:
             raise InputError(
@@ -91,6 +115,7 @@ class _Job:
             baseline_throughput=config.baseline_throughput,
         )
         self.stats: dict[int, WorkerStats] = {}
+        self.tokens = 0  # generated so far (a generation job)
 
     def run(self) -> JobReport:
         # Workers load their model while the driver plans blocks.
@@ -101,7 +126,7 @@ class _Job:
             for w in workers:
                 self.stats[w] = WorkerStats(w)
                 backend.start(w)
-            blocks = plan_blocks(self.source, self.config.block_size, self.config.first_block_size)
+            blocks = plan_blocks(self.source, self.config.block_size or 1024, self.config.first_block_size)
             self.blocks = {b.id: b for b in blocks}
             identity = _job_identity(self.config, self.spec.model, self.source, blocks)
             self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite)
@@ -156,7 +181,7 @@ class _Job:
                     if event is not None:
                         pending.extend(scheduler.handle(event, self._now()))
                 pending.extend(scheduler.handle(Tick(), self._now()))
-                progress.update(self.report.rows)
+                progress.update(self.report.rows, tokens=self.tokens if self.spec.model.generation else None)
                 if self._now() - last_save >= _MANIFEST_EVERY_S:
                     self.manifest.save(self.output_dir)
                     last_save = self._now()
@@ -191,7 +216,10 @@ class _Job:
                 self.report.rows += item.rows
                 if not self.report.first_block_s:
                     self.report.first_block_s = self._now()
-            self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s, item.group)
+            self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s, item.group,
+                                              item.generation)
+            if item.generation is not None:
+                self.tokens += item.generation.generated_tokens
         elif isinstance(item, WorkerReady):
             stats = self.stats[item.worker]
             stats.pid, stats.host, stats.load_s, stats.ready = item.pid, item.host, item.load_s, True

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelInputError, RowsError
-from ..messages import GroupStats, TensorInfo
+from ..messages import GenerationStats, GroupStats, TensorInfo
 
 __all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "run_block"]
 
@@ -121,6 +121,10 @@ class Runner(ABC):
 
     def group_stats(self) -> GroupStats | None:
         """A replica group's figures for the last `forward_many`; None for a single process."""
+        return None
+
+    def generation_stats(self) -> GenerationStats | None:
+        """A generation engine's figures for the last block; None for other models."""
         return None
 
 

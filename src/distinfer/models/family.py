@@ -31,7 +31,7 @@ from ..errors import ModelError
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..messages import Strategy, TensorInfo
+    from ..messages import GenerationOptions, Strategy, TensorInfo
     from ..planning.cuts import LayerCost
     from .base import Runner
     from .staged import Preparer, StagedModel
@@ -45,6 +45,7 @@ class ModelSpec:
 
     name: str
     family: ModelFamily
+    generation: GenerationOptions | None = None  # set for a text-generation job
 
     @property
     def kind(self) -> str:
@@ -53,7 +54,14 @@ class ModelSpec:
 
     def identity(self) -> dict[str, Any]:
         """What makes two jobs' models the same, for the output manifest."""
-        return self.family.identity(self)
+        ident = self.family.identity(self)
+        if self.generation is not None:
+            from dataclasses import asdict
+
+            engine_only = {"max_running", "kv_cache_bytes", "step_tokens"}  # no effect on the text
+            ident["generation"] = {k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in asdict(self.generation).items() if k not in engine_only}
+        return ident
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,9 @@ class ModelFamily(ABC):
         "tensor parallelism shards the built-in transformers (minilm, decoder-SIZE); "
         "'{name}' runs with --strategy data or pipeline"
     )
+
+    #: whether its job is text generation (`--task generate`, models/llm/)
+    generates: ClassVar[bool] = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), ())  # stateless: a spec pickles as the class reference

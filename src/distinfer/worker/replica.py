@@ -116,7 +116,7 @@ class Replica:
         timer.add("write", t)
         return BlockDone(
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
-            self.runner.group_stats(),
+            self.runner.group_stats(), self.runner.generation_stats(),
         )
 
 
@@ -158,6 +158,10 @@ def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
 
 def _load(spec: WorkerSpec) -> Runner:
     """The whole model (data parallel), a pipeline of stages, or a tensor-parallel group."""
+    if spec.model.generation is not None:  # a generation job: the engine with its executor
+        from .generation import load_generation_runner
+
+        return load_generation_runner(spec)
     if spec.strategy == "data":
         return load_runner(spec.model, spec.threads, spec.device)
     if spec.strategy == "tensor":

@@ -59,7 +59,7 @@ from ..models.family import ModelSpec, ShardedForm
 from .collectives import CHUNK_BYTES, GroupLost, make_comm
 from .process import host_label, limit_threads, peak_rss
 
-__all__ = ["TensorParallelRunner"]
+__all__ = ["TensorParallelRunner", "comm_plan", "resolve_comm"]
 
 _READY_TIMEOUT_S = 600.0  # loading the shards
 _COLLECTIVE_TIMEOUT_S = 300.0  # one collective: bounded by how far the ranks drift apart
@@ -160,6 +160,18 @@ def resolve_comm(device: str, world: int, comm: str = "auto") -> tuple[str, str 
     return comm, None
 
 
+def comm_plan(ctx: Any, comm: str, world: int) -> tuple[tuple[Any, ...], str | None]:
+    """What every rank needs to join the group (`make_comm`), and the temporary directory of a
+    torch.distributed store (None for shared memory), for rank 0 to remove at the end."""
+    if comm == "shm":
+        slots = torch.zeros((2, world, CHUNK_BYTES), dtype=torch.uint8)
+        slots.share_memory_()  # type: ignore[no-untyped-call]
+        sems = [[ctx.Semaphore(0) for _ in range(world)] for _ in range(world)]
+        return ("shm", slots, sems), None
+    store_dir = tempfile.mkdtemp(prefix="distinfer-tp-")
+    return (comm, os.path.join(store_dir, "store")), store_dir
+
+
 class TensorParallelRunner(Runner):
     """`spec`'s model sharded over `world` ranks (its family's `sharded` form; see
     models/family.py): this process is rank 0, ranks 1..world-1 are child processes using `threads`
@@ -188,15 +200,7 @@ class TensorParallelRunner(Runner):
         self._closed = False
         self._store_dir: str | None = None
         ctx = torch.multiprocessing.get_context("spawn")
-        plan: tuple[Any, ...]
-        if comm == "shm":
-            slots = torch.zeros((2, world, CHUNK_BYTES), dtype=torch.uint8)
-            slots.share_memory_()  # type: ignore[no-untyped-call]
-            sems = [[ctx.Semaphore(0) for _ in range(world)] for _ in range(world)]
-            plan = ("shm", slots, sems)
-        else:
-            self._store_dir = tempfile.mkdtemp(prefix="distinfer-tp-")
-            plan = (comm, os.path.join(self._store_dir, "store"))
+        plan, self._store_dir = comm_plan(ctx, comm, world)
         self._status = ctx.Queue()
         self._controls = [ctx.Queue() for _ in range(1, world)]
         self._procs: list[Any] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ...errors import ModelError
 from ..base import Runner
 from ..family import ModelFamily, ModelSpec
-from . import decoder, minilm, onnx_file, pytorch
+from . import decoder, llm, minilm, onnx_file, pytorch
 
 __all__ = ["FAMILIES", "load_runner", "parse_model", "register"]
 
@@ -18,6 +18,7 @@ __all__ = ["FAMILIES", "load_runner", "parse_model", "register"]
 FAMILIES: list[ModelFamily] = [
     minilm.FAMILY,
     decoder.FAMILY,
+    llm.FAMILY,
     onnx_file.FAMILY,
     pytorch.FAMILY,
 ]

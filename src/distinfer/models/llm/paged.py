@@ -1,0 +1,146 @@
+"""The paged KV cache on the model side, and one step's attention metadata.
+
+A KV cache is a pool of fixed-size pages (PagedAttention's idea): a sequence holds a list of
+page ids (its page table), so sequences of any length share one allocation without
+fragmenting it. Which pages a sequence holds is the engine's decision (`engine.PageTable`);
+every process that holds layers (a pipeline stage, a tensor-parallel rank) keeps the pages of
+its own layers and follows the tables it is sent.
+
+Global layers use a pool whose tables grow with the sequence. Sliding-window layers keep only
+their window: their pool is used as a ring of `ring_pages` pages per sequence (position p in
+ring page `(p // page) % ring_pages`), enough for the window plus one prefill chunk, so a
+step's keys and values can be written before they are read.
+
+`StepMeta` turns a step's plan (which tokens of which sequences, at which positions, with
+which tables) into index tensors once per step; every layer of a kind reuses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KindMeta", "PagedKV", "SeqChunk", "StepMeta", "build_meta", "ring_pages"]
+
+PAGE = 16  # tokens per page
+
+
+def ring_pages(window: int, chunk: int, page: int = PAGE) -> int:
+    """Pages of a sliding layer's ring: the window and one chunk of new tokens fit in it."""
+    return -(-(window + chunk) // page) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class SeqChunk:
+    """One sequence's share of a step: tokens at positions [start, start + len(tokens))."""
+
+    tokens: tuple[int, ...]
+    start: int
+    pages: tuple[int, ...]  # global layers' page table (covers start + len(tokens))
+    ring: tuple[int, ...]  # sliding layers' ring pages (empty when the model has none)
+    logits: bool  # the last token's next-token scores are wanted (the prompt is done)
+
+
+@dataclass(slots=True)
+class KindMeta:
+    """Index tensors for the layers of one kind (one window size) in a step."""
+
+    window: int  # 0: global
+    write: torch.Tensor  # [T] flat cache slot of each new token
+    # decodes (one new token each), attended in one batched call
+    dec_tokens: torch.Tensor  # [B] their token indices in the step
+    dec_slots: torch.Tensor  # [B, L] flat slots of the keys each attends to (padded)
+    dec_mask: torch.Tensor  # [B, 1, 1, L] True where a key is attended
+    # prefill chunks, one call each: (first token index, tokens, slots [Lk], mask [n, Lk])
+    chunks: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(slots=True)
+class StepMeta:
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    kinds: dict[int, KindMeta]  # by window
+    last: torch.Tensor  # [S'] token indices whose logits are wanted, in chunk order
+    rows: int  # sequences in the step
+
+
+def _slots(positions: range, pages: tuple[int, ...], ring: int) -> list[int]:
+    if ring:
+        return [pages[(p // PAGE) % ring] * PAGE + p % PAGE for p in positions]
+    return [pages[p // PAGE] * PAGE + p % PAGE for p in positions]
+
+
+def build_meta(chunks: list[SeqChunk], windows: set[int], ring: int) -> StepMeta:
+    """The step's metadata for layers with these windows (0: global); `ring` = ring pages."""
+    tokens: list[int] = []
+    positions: list[int] = []
+    firsts: list[int] = []
+    for c in chunks:
+        firsts.append(len(tokens))
+        tokens.extend(c.tokens)
+        positions.extend(range(c.start, c.start + len(c.tokens)))
+    kinds = {}
+    for window in windows:
+        write: list[int] = []
+        dec_tokens: list[int] = []
+        dec_keys: list[tuple[list[int], int, int]] = []
+        prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        for c, first in zip(chunks, firsts, strict=True):
+            n = len(c.tokens)
+            end = c.start + n
+            table, r = (c.ring, ring) if window else (c.pages, 0)
+            write.extend(_slots(range(c.start, end), table, r))
+            lo = max(0, c.start - window + 1) if window else 0
+            keys = _slots(range(lo, end), table, r)
+            if n == 1:
+                dec_tokens.append(first)
+                dec_keys.append((keys, lo, end))
+            else:
+                kpos = torch.arange(lo, end)
+                qpos = torch.arange(c.start, end)
+                mask = kpos[None, :] <= qpos[:, None]
+                if window:
+                    mask &= kpos[None, :] > qpos[:, None] - window
+                prefill.append((first, n, torch.tensor(keys), mask))
+        longest = max((len(k) for k, _, _ in dec_keys), default=0)
+        slots = torch.zeros((len(dec_keys), longest), dtype=torch.long)
+        mask = torch.zeros((len(dec_keys), 1, 1, longest), dtype=torch.bool)
+        for i, (keys, _, _) in enumerate(dec_keys):
+            slots[i, : len(keys)] = torch.tensor(keys)
+            mask[i, 0, 0, : len(keys)] = True
+        kinds[window] = KindMeta(window, torch.tensor(write, dtype=torch.long),
+                                 torch.tensor(dec_tokens, dtype=torch.long), slots, mask, prefill)
+    last = [first + len(c.tokens) - 1 for c, first in zip(chunks, firsts, strict=True) if c.logits]
+    return StepMeta(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                    kinds, torch.tensor(last, dtype=torch.long), len(chunks))
+
+
+class PagedKV:
+    """Keys and values of one layer: [pages * PAGE, kv_heads, head_dim] each."""
+
+    def __init__(self, pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.k = torch.zeros((pages * PAGE, kv_heads, head_dim), dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: KindMeta,
+               scale: float) -> torch.Tensor:
+        """Write the step's new keys/values, then attend: q [T, H, d] -> [T, H * d]."""
+        self.k.index_copy_(0, meta.write, k)
+        self.v.index_copy_(0, meta.write, v)
+        out = torch.empty_like(q)
+        if len(meta.dec_tokens):
+            qd = q.index_select(0, meta.dec_tokens)[:, :, None, :]  # [B, H, 1, d]
+            kd = self.k[meta.dec_slots].transpose(1, 2)  # [B, kvh, L, d]
+            vd = self.v[meta.dec_slots].transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=meta.dec_mask, scale=scale, enable_gqa=True)
+            out.index_copy_(0, meta.dec_tokens, o[:, :, 0, :])
+        for first, n, slots, mask in meta.chunks:
+            qc = q[first : first + n].transpose(0, 1)[None]  # [1, H, n, d]
+            kc = self.k[slots].transpose(0, 1)[None]  # [1, kvh, Lk, d]
+            vc = self.v[slots].transpose(0, 1)[None]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[first : first + n] = o[0].transpose(0, 1)
+        return out.reshape(q.shape[0], -1)

@@ -1,0 +1,311 @@
+"""A generation model as the engine sees it (`LlmModel`: picklable, loads nothing until asked),
+the executor that runs every layer in this process, and `GenerationRunner`, the `Runner` of a
+batch job: a block's prompts in, its completions out.
+
+Rows: the input column `prompt` (text), or `messages` (a chat, as JSON: the model's chat
+template is applied), or the column `--column` names; optional per-row columns
+`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p` and `seed` override the job's
+settings. Outputs: `completion`, `prompt_tokens`, `completion_tokens`, `finish_reason`
+("stop" or "length").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ...errors import ModelInputError
+from ...messages import GenerationOptions, GenerationStats, GroupStats, TensorInfo
+from ..base import Batches, Column, Runner
+from .config import LlmConfig, read_config
+from .engine import Engine, EngineStats, Executor, Request
+from .model import AllReduce, DecoderPart
+from .paged import PAGE, SeqChunk, build_meta, ring_pages
+from .sampling import CANDIDATES, SamplingParams, choose, top_candidates
+from .tokenizer import IncrementalDecoder, LlmTokenizer, load_tokenizer
+from .weights import WeightStore
+
+if TYPE_CHECKING:
+    from ...planning.cuts import LayerCost
+
+__all__ = ["CachePlan", "GenerationRunner", "LlmModel", "LocalExecutor", "PromptPreparer", "sample_tokens"]
+
+PARAM_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """How a KV budget becomes pages: `pages` for global layers, rings of `ring` pages for
+    sliding-window layers out of a pool of `ring_pool`."""
+
+    pages: int
+    ring: int
+    ring_pool: int
+
+    def bytes(self, config: LlmConfig, layers: range, itemsize: int) -> int:
+        per_page = 2 * PAGE * config.kv_dim * itemsize
+        return sum((self.ring_pool if config.windows[i] else self.pages) * per_page for i in layers)
+
+
+class LlmModel:
+    """The model at `path` (a GGUF file or a Hugging Face directory) with its job's options."""
+
+    def __init__(self, path: Path, options: GenerationOptions) -> None:
+        self.path = Path(path)
+        self.options = options
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.options = state["path"], state["options"]
+
+    @cached_property
+    def config(self) -> LlmConfig:
+        return read_config(self.path)
+
+    @cached_property
+    def tokenizer(self) -> LlmTokenizer:
+        return load_tokenizer(self.path)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
+
+    def part(self, start: int, stop: int, rank: int = 0, world: int = 1,
+             all_reduce: AllReduce | None = None) -> DecoderPart:
+        part = DecoderPart(self.config, WeightStore(self.path, self.config), start, stop, rank, world,
+                           all_reduce, self.dtype)
+        plan = self.cache_plan()
+        part.allocate(plan.pages, plan.ring_pool)
+        return part
+
+    def cache_plan(self) -> CachePlan:
+        """The replica's KV budget (all layers) as pages; see `CachePlan`."""
+        c, o = self.config, self.options
+        itemsize = 2 if self.options.dtype == "bfloat16" else 4
+        page_of = 2 * PAGE * c.kv_dim * itemsize  # one layer's page
+        n_global = sum(1 for w in c.windows if not w)
+        n_sliding = c.layers - n_global
+        window = max(c.windows)
+        ring = ring_pages(window, o.step_tokens) if window else 0
+        budget = o.kv_cache_bytes
+        ring_pool = 0
+        if n_sliding:
+            wanted = o.max_running * ring
+            ring_pool = min(wanted, (budget // 2 if n_global else budget) // (page_of * n_sliding))
+            budget -= ring_pool * page_of * n_sliding
+        # with no global layer, the tables only count positions
+        pages = budget // (page_of * n_global) if n_global else o.max_running * math.ceil(c.context / PAGE)
+        return CachePlan(max(int(pages), 1), ring, max(int(ring_pool), ring))
+
+    def weight_bytes(self) -> list[int]:
+        """Each layer's weights (the embedding with the first, an untied head with the last)."""
+        c = self.config
+        itemsize = 2 if self.options.dtype == "bfloat16" else 4
+        sizes = [itemsize * n for n in c.layer_parameters()]
+        sizes[0] += itemsize * c.vocab * c.hidden
+        if not c.tied_embeddings:
+            sizes[-1] += itemsize * c.vocab * c.hidden
+        return sizes
+
+    def layer_costs(self, batch_size: int) -> list[LayerCost]:
+        """Each layer's share of a decode step of `batch_size` sequences, from its
+        multiply-adds (the LM head's with the last layer) at a nominal 20 GFLOP/s."""
+        from ...planning.cuts import LayerCost
+
+        c = self.config
+        flops = [2.0 * n * batch_size for n in c.layer_parameters()]
+        flops[-1] += 2.0 * c.vocab * c.hidden * batch_size
+        act = 4 * c.hidden * batch_size
+        return [LayerCost(f"layer.{i}", f / 20e9, size, act)
+                for i, (f, size) in enumerate(zip(flops, self.weight_bytes(), strict=True))]
+
+    def engine(self, executor: Executor) -> Engine:
+        plan, o, tok = self.cache_plan(), self.options, self.tokenizer
+        eos = tok.eos_ids or ((self.config.eos_id,) if self.config.eos_id is not None else ())
+        return Engine(executor, plan.pages, plan.ring, plan.ring_pool, self.config.context, eos,
+                      o.max_running, o.step_tokens, lambda: IncrementalDecoder(tok))
+
+
+def sample_tokens(logits: torch.Tensor, sampling: list[tuple[SamplingParams, int]]) -> list[int]:
+    """One token per row of `logits` (the full vocabulary's scores)."""
+    if all(p.greedy for p, _ in sampling):
+        return [int(t) for t in torch.argmax(logits, dim=-1)]
+    values, ids = top_candidates(logits, CANDIDATES)
+    return choose_all(values.numpy(), ids.numpy(), sampling)
+
+
+def choose_all(values: np.ndarray, ids: np.ndarray, sampling: list[tuple[SamplingParams, int]]) -> list[int]:
+    return [choose(values[i], ids[i], p, pos) for i, (p, pos) in enumerate(sampling)]
+
+
+class LocalExecutor:
+    """Every layer in this process: a step runs when it is submitted."""
+
+    depth = 1
+
+    def __init__(self, model: LlmModel) -> None:
+        self.part = model.part(0, model.config.layers)
+        self.ring = model.cache_plan().ring
+        self._done: deque[list[int]] = deque()
+        self.busy_s = 0.0
+
+    def submit(self, chunks: list[SeqChunk], sampling: list[tuple[SamplingParams, int]]) -> None:
+        meta = build_meta(chunks, self.part.windows, self.ring)
+        h = self.part.forward(meta, None)
+        self._done.append(sample_tokens(self.part.logits(h), sampling) if sampling else [])
+
+    def collect(self) -> list[int]:
+        return self._done.popleft()
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    prompt: tuple[int, ...]
+    request: Request
+
+
+class PromptPreparer:
+    """A block's rows into engine requests: prompts tokenised (a chat through the model's
+    template), per-row parameters checked; a bad row is a `ModelInputError` naming it."""
+
+    input_names: tuple[str, ...] = ("prompt",)
+
+    def __init__(self, model: LlmModel) -> None:
+        self.model = model
+        self.options = model.options
+        self.tokenizer = model.tokenizer
+
+    def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+        prompts = inputs["prompt"]
+        rows = [self._row(i, prompts[i], inputs) for i in range(len(prompts))]
+        return Batches([rows])
+
+    def _row(self, i: int, value: Any, inputs: Mapping[str, Column]) -> _Row:
+        o = self.options
+
+        def param(name: str, default: Any, kind: type) -> Any:
+            if name not in inputs:
+                return default
+            v = inputs[name][i]
+            try:
+                return kind(v)
+            except (TypeError, ValueError):
+                raise ModelInputError(f"'{name}' must be a number, got {v!r}", row=i) from None
+
+        max_tokens = param("max_tokens", o.max_tokens, int)
+        seed = param("seed", o.seed + i, int)
+        params = SamplingParams(param("temperature", o.temperature, float), param("top_k", o.top_k, int),
+                                param("top_p", o.top_p, float), param("min_p", o.min_p, float), seed)
+        problem = params.problem()
+        if max_tokens < 1:
+            problem = f"max_tokens must be >= 1, got {max_tokens}"
+        if problem:
+            raise ModelInputError(problem, row=i)
+        ids = self._encode(i, value)
+        context = self.model.config.context
+        if len(ids) >= context:
+            raise ModelInputError(f"the prompt has {len(ids)} tokens; the model's context holds {context} "
+                                  "(shorten it)", row=i)
+        return _Row(tuple(ids), Request(i, tuple(ids), max_tokens, params, o.stop, o.ignore_eos))
+
+    def _encode(self, i: int, value: Any) -> list[int]:
+        if isinstance(value, str) and value.lstrip().startswith("[") and _is_chat(value):
+            try:
+                ids = self.tokenizer.encode_chat(json.loads(value))
+            except ValueError as exc:
+                raise ModelInputError(str(exc), row=i) from None
+        elif isinstance(value, str):
+            ids = self.tokenizer.encode(value)
+        else:
+            raise ModelInputError(f"a prompt must be text or a chat, got {type(value).__name__}", row=i)
+        if not ids:
+            raise ModelInputError("the prompt is empty", row=i)
+        return ids
+
+
+class GenerationRunner(Runner):
+    """A batch job's replica: each block's rows through one engine (continuous batching)."""
+
+    pads_batches = False
+
+    def __init__(self, model: LlmModel, executor: Callable[[LlmModel], Executor],
+                 stats: Callable[[], GroupStats | None] | None = None) -> None:
+        self.model = model
+        self.options = model.options
+        self.preparer = PromptPreparer(model)
+        self.input_names = ("prompt",)
+        self.executor = executor(model)
+        self.engine = model.engine(self.executor)
+        self._group_stats = stats
+        self.last: GenerationStats | None = None
+
+    def bind(self, columns: Sequence[str], column: str | None) -> dict[str, str]:
+        if column is not None:
+            if column not in columns and columns:
+                raise ModelInputError(f"the input has no column '{column}' (available: {', '.join(columns)})")
+            prompt = column
+        elif "prompt" in columns:
+            prompt = "prompt"
+        elif "messages" in columns:
+            prompt = "messages"
+        elif len(columns) == 1:
+            prompt = columns[0]
+        else:
+            raise ModelInputError(
+                "the input has no column 'prompt' or 'messages' "
+                f"(available: {', '.join(columns) or 'none'}); pick one with --column")
+        return {"prompt": prompt, **{p: p for p in PARAM_COLUMNS if p in columns and p != prompt}}
+
+    def input_info(self) -> tuple[TensorInfo, ...] | None:
+        return (TensorInfo("prompt", "text", (-1,)),)
+
+    def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+        return self.preparer.prepare(inputs, batch_size)
+
+    def forward(self, batch: Any) -> dict[str, np.ndarray]:
+        rows: list[_Row] = batch
+        self.engine.stats = EngineStats()
+        started = time.perf_counter()
+        done = self.engine.run_all(r.request for r in rows)
+        st = self.engine.stats
+        plan = self.model.cache_plan()
+        c = self.model.config
+        self.last = GenerationStats(
+            st.prompt_tokens, st.generated_tokens, st.steps, st.running_sum, st.preemptions, st.peak_pages,
+            plan.pages, plan.bytes(c, range(c.layers), 2 if self.options.dtype == "bfloat16" else 4),
+            st.first_token_s, time.perf_counter() - started)
+        seqs = [done[r.request.id] for r in rows]
+        return {
+            "completion": np.array([s.text for s in seqs], dtype=object),
+            "prompt_tokens": np.array([len(r.prompt) for r in rows], dtype=np.int64),
+            "completion_tokens": np.array([len(s.out) for s in seqs], dtype=np.int64),
+            "finish_reason": np.array([s.finish or "length" for s in seqs], dtype=object),
+        }
+
+    def generation_stats(self) -> GenerationStats | None:
+        return self.last
+
+    def group_stats(self) -> GroupStats | None:
+        return self._group_stats() if self._group_stats else None
+
+
+def _is_chat(value: str) -> bool:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed)
+
+
