@@ -116,7 +116,8 @@ class LlmFamily(ModelFamily):
 
     def schema(self, spec: ModelSpec) -> Schema:
         outputs = (TensorInfo("completion", "text", (-1,)), TensorInfo("prompt_tokens", "<i8", (-1,)),
-                   TensorInfo("completion_tokens", "<i8", (-1,)), TensorInfo("finish_reason", "text", (-1,)))
+                   TensorInfo("completion_tokens", "<i8", (-1,)), TensorInfo("finish_reason", "text", (-1,)),
+                   TensorInfo("completion_ids", "<i4", (-1, -1)))
         return Schema((TensorInfo("prompt", "text", (-1,)),), outputs)
 
     def serving_problem(self, spec: ModelSpec, strategy: Strategy) -> str | None:

@@ -6,7 +6,7 @@ Rows: the input column `prompt` (text), or `messages` (a chat, as JSON: the mode
 template is applied), or the column `--column` names; optional per-row columns
 `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p` and `seed` override the job's
 settings. Outputs: `completion`, `prompt_tokens`, `completion_tokens`, `finish_reason`
-("stop" or "length").
+("stop" or "length"), and `completion_ids` (the generated token ids).
 """
 
 from __future__ import annotations
@@ -291,6 +291,7 @@ class GenerationRunner(Runner):
             "completion": np.array([s.text for s in seqs], dtype=object),
             "prompt_tokens": np.array([len(r.prompt) for r in rows], dtype=np.int64),
             "completion_tokens": np.array([len(s.out) for s in seqs], dtype=np.int64),
+            "completion_ids": _ragged([s.out for s in seqs]),
             "finish_reason": np.array([s.finish or "length" for s in seqs], dtype=object),
         }
 
@@ -299,6 +300,13 @@ class GenerationRunner(Runner):
 
     def group_stats(self) -> GroupStats | None:
         return self._group_stats() if self._group_stats else None
+
+
+def _ragged(lists: list[list[int]]) -> np.ndarray:
+    out = np.empty(len(lists), dtype=object)
+    for i, ids in enumerate(lists):
+        out[i] = np.asarray(ids, dtype=np.int32)
+    return out
 
 
 def _is_chat(value: str) -> bool:
