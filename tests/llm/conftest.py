@@ -123,7 +123,7 @@ def compare(got: list[list[int]], ref: Reference, what: str) -> int:
     for i, (ours, theirs) in enumerate(zip(got, ref.tokens, strict=True)):
         if ours == theirs:
             continue
-        t = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        t = next((k for k, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
         margin = ref.margins[i][t] if t < len(ref.margins[i]) else float("inf")
         assert margin < TIE, (
             f"{what}: prompt {i} diverges from transformers at new token {t} where its two best logits "

@@ -65,54 +65,59 @@ class StepMeta:
     rows: int  # sequences in the step
 
 
-def _slots(positions: range, pages: tuple[int, ...], ring: int) -> list[int]:
+def _slots(lo: int, end: int, table: torch.Tensor, ring: int) -> torch.Tensor:
+    """Flat cache slots of positions [lo, end) for a page table (a ring of `ring` pages if set)."""
+    pos = torch.arange(lo, end)
+    page = pos // PAGE
     if ring:
-        return [pages[(p // PAGE) % ring] * PAGE + p % PAGE for p in positions]
-    return [pages[p // PAGE] * PAGE + p % PAGE for p in positions]
+        page = page % ring
+    return table[page] * PAGE + pos % PAGE
 
 
 def build_meta(chunks: list[SeqChunk], windows: set[int], ring: int) -> StepMeta:
     """The step's metadata for layers with these windows (0: global); `ring` = ring pages."""
     tokens: list[int] = []
-    positions: list[int] = []
+    positions: list[torch.Tensor] = []
     firsts: list[int] = []
     for c in chunks:
         firsts.append(len(tokens))
         tokens.extend(c.tokens)
-        positions.extend(range(c.start, c.start + len(c.tokens)))
+        positions.append(torch.arange(c.start, c.start + len(c.tokens)))
+    tables = [(torch.tensor(c.pages, dtype=torch.long), torch.tensor(c.ring, dtype=torch.long)) for c in chunks]
     kinds = {}
     for window in windows:
-        write: list[int] = []
+        write: list[torch.Tensor] = []
         dec_tokens: list[int] = []
-        dec_keys: list[tuple[list[int], int, int]] = []
+        dec_keys: list[torch.Tensor] = []
         prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        for c, first in zip(chunks, firsts, strict=True):
+        for c, first, (pages, ring_table) in zip(chunks, firsts, tables, strict=True):
             n = len(c.tokens)
             end = c.start + n
-            table, r = (c.ring, ring) if window else (c.pages, 0)
-            write.extend(_slots(range(c.start, end), table, r))
+            table, r = (ring_table, ring) if window else (pages, 0)
+            write.append(_slots(c.start, end, table, r))
             lo = max(0, c.start - window + 1) if window else 0
-            keys = _slots(range(lo, end), table, r)
+            keys = _slots(lo, end, table, r)
             if n == 1:
                 dec_tokens.append(first)
-                dec_keys.append((keys, lo, end))
+                dec_keys.append(keys)
             else:
                 kpos = torch.arange(lo, end)
                 qpos = torch.arange(c.start, end)
                 mask = kpos[None, :] <= qpos[:, None]
                 if window:
                     mask &= kpos[None, :] > qpos[:, None] - window
-                prefill.append((first, n, torch.tensor(keys), mask))
-        longest = max((len(k) for k, _, _ in dec_keys), default=0)
+                prefill.append((first, n, keys, mask))
+        longest = max((len(k) for k in dec_keys), default=0)
         slots = torch.zeros((len(dec_keys), longest), dtype=torch.long)
         mask = torch.zeros((len(dec_keys), 1, 1, longest), dtype=torch.bool)
-        for i, (keys, _, _) in enumerate(dec_keys):
-            slots[i, : len(keys)] = torch.tensor(keys)
+        for i, keys in enumerate(dec_keys):
+            slots[i, : len(keys)] = keys
             mask[i, 0, 0, : len(keys)] = True
-        kinds[window] = KindMeta(window, torch.tensor(write, dtype=torch.long),
+        kinds[window] = KindMeta(window, torch.cat(write) if write else torch.zeros(0, dtype=torch.long),
                                  torch.tensor(dec_tokens, dtype=torch.long), slots, mask, prefill)
     last = [first + len(c.tokens) - 1 for c, first in zip(chunks, firsts, strict=True) if c.logits]
-    return StepMeta(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+    return StepMeta(torch.tensor(tokens, dtype=torch.long),
+                    torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
                     kinds, torch.tensor(last, dtype=torch.long), len(chunks))
 
 

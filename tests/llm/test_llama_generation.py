@@ -1,0 +1,127 @@
+"""The Llama path, proven without downloading weights: small seeded Llama and Qwen2 models
+made with transformers (`save_pretrained` into a directory with a tokenizer.json), loaded from
+that directory and run under every strategy, equal to transformers' greedy `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+from conftest import TIE
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import distinfer
+from distinfer.errors import ModelError
+from distinfer.messages import GenerationOptions
+from distinfer.models.llm.engine import Request
+from distinfer.models.llm.runner import LlmModel, LocalExecutor
+
+transformers = pytest.importorskip("transformers")
+
+NEW = 24
+PROMPTS = ["In the beginning", "And God said, Let there be light", "你好 😀", "a", "The Lord is my shepherd; I",
+           "Then the LORD answered Job out of the whirlwind, and said, " * 6, "1 2 3", "Who is this"]
+
+
+def _tokenizer(corpus: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([*corpus[:2000], "你好 😀"], trainer)
+    return tok
+
+
+def _make(folder: Path, kind: str, corpus: list[str]) -> Path:
+    torch.manual_seed(0)
+    common: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  bos_token_id=1, eos_token_id=0, tie_word_embeddings=False)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common, rope_theta=10000.0,
+                                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**common, rope_theta=1_000_000.0, use_sliding_window=False)
+        model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so the logits are far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    _tokenizer(corpus).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+         corpus_lines: list[str]) -> tuple[Path, list[list[int]], list[list[int]], list[list[float]]]:
+    folder = _make(tmp_path_factory.mktemp(request.param), request.param, corpus_lines)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from distinfer.models.llm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    tokens, margins = [], []
+    with torch.inference_mode():
+        for p in prompts:  # one at a time: no padding
+            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
+                                 eos_token_id=0, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            new = out.sequences[0, len(p):].tolist()
+            steps = [float(torch.topk(lg[0], 2).values.diff().abs()) for lg in out.logits]
+            if 0 in new:
+                new = new[: new.index(0)]
+            tokens.append(new)
+            margins.append(steps)
+    return folder, prompts, tokens, margins
+
+
+def _compare(got: list[list[int]], tokens: list[list[int]], margins: list[list[float]]) -> None:
+    for i, (ours, theirs) in enumerate(zip(got, tokens, strict=True)):
+        if ours != theirs:
+            t = next((k for k, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                     min(len(ours), len(theirs)))
+            assert margins[i][t] < TIE, f"prompt {i} diverges at token {t}: ours {ours}, transformers {theirs}"
+
+
+def test_tiny_models_in_one_process_equal_transformers(tiny: Any) -> None:
+    folder, prompts, tokens, margins = tiny
+    model = LlmModel(folder, GenerationOptions(max_tokens=NEW))
+    engine = model.engine(LocalExecutor(model))
+    done = engine.run_all(Request(i, tuple(p), NEW) for i, p in enumerate(prompts))
+    _compare([done[i].out for i in range(len(prompts))], tokens, margins)
+
+
+@pytest.mark.parametrize("options", [
+    dict(workers=2, threads_per_worker=1),
+    dict(workers=1, strategy="pipeline", stages=2, threads_per_worker=1),
+    dict(workers=1, strategy="tensor", tensor_parallel=2, threads_per_worker=1),
+], ids=["2-data-workers", "2-stages", "2-tensor-ranks"])
+def test_tiny_models_under_every_strategy_equal_transformers(
+    tiny: Any, options: dict[str, Any], tmp_path: Path
+) -> None:
+    folder, _, tokens, margins = tiny
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
+    out = tmp_path / "out"
+    distinfer.run(model=str(folder), input=str(source), output=str(out), max_tokens=NEW, block_size=4,
+                  min_block_size=4, **options)
+    table = ds.dataset(str(out)).to_table().sort_by("row")
+    _compare([list(x) for x in table.column("completion_ids").to_pylist()], tokens, margins)
+
+
+def test_other_architectures_are_refused_by_name(tmp_path: Path) -> None:
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelError, match=r"architecture 'gpt2' is not supported; supported: Gemma 3"):
+        distinfer.run(model=str(folder), input=str(tmp_path / "x.jsonl"), output=str(tmp_path / "o"))
