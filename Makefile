@@ -52,6 +52,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/ray_vs_raydata.py
 	$(BIN)/python benchmarks/parallel_strategies.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

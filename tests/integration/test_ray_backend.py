@@ -203,3 +203,30 @@ def test_a_ray_pipeline_stage_that_raises_fails_the_block_and_goes_on(cluster: C
         np.testing.assert_array_equal(got["output"], want["output"])
     finally:
         runner.close()
+
+
+def test_generation_on_ray_equals_the_local_backend(
+    cluster: Cluster, corpus_lines: list[str], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A (small, seeded) Llama model generating on Ray: data-parallel replicas on the two
+    nodes, and a pipeline whose two stages are actors on the two nodes, write what the local
+    backend writes."""
+    pytest.importorskip("transformers")
+    from tiny_llm import make_tiny_llm
+
+    folder = make_tiny_llm(tmp_path_factory.mktemp("llama"), "llama", corpus_lines)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": line}) + "\n" for line in corpus_lines[:12]))
+    options = dict(model=str(folder), input=str(prompts), max_tokens=12, block_size=4, min_block_size=4)
+    distinfer.run(**options, output=str(tmp_path / "local"), workers=1)
+    local = table(tmp_path / "local")
+    for name, extra in {"data": dict(workers=2, threads_per_worker=1),
+                        "pipeline": dict(workers=1, strategy="pipeline", stages=2, threads_per_worker=1)}.items():
+        report = distinfer.run(**options, **extra, output=str(tmp_path / name), backend="ray")
+        on_ray = table(tmp_path / name)
+        np.testing.assert_array_equal(on_ray["row"], np.arange(12))
+        assert on_ray["completion"].tolist() == local["completion"].tolist(), name
+        assert report.generation is not None and report.generation.generated_tokens > 0
+        if name == "pipeline":
+            [worker] = report.worker_stats
+            assert worker.group is not None and len(worker.group.members) == 2

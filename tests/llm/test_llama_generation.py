@@ -12,10 +12,10 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from conftest import TIE
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_llm import make_tiny_llm
 
 import distinfer
-from distinfer.errors import ModelError
+from distinfer.errors import ModelError, ModelInputError
 from distinfer.messages import GenerationOptions
 from distinfer.models.llm.engine import Request
 from distinfer.models.llm.runner import LlmModel, LocalExecutor
@@ -27,45 +27,10 @@ PROMPTS = ["In the beginning", "And God said, Let there be light", "你好 😀"
            "Then the LORD answered Job out of the whirlwind, and said, " * 6, "1 2 3", "Who is this"]
 
 
-def _tokenizer(corpus: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([*corpus[:2000], "你好 😀"], trainer)
-    return tok
-
-
-def _make(folder: Path, kind: str, corpus: list[str]) -> Path:
-    torch.manual_seed(0)
-    common: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                  bos_token_id=1, eos_token_id=0, tie_word_embeddings=False)
-    if kind == "llama":
-        config = transformers.LlamaConfig(**common, rope_theta=10000.0,
-                                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 64})
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.Qwen2Config(**common, rope_theta=1_000_000.0, use_sliding_window=False)
-        model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init, so the logits are far from ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    model.save_pretrained(folder)
-    _tokenizer(corpus).save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return folder
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
          corpus_lines: list[str]) -> tuple[Path, list[list[int]], list[list[int]], list[list[float]]]:
-    folder = _make(tmp_path_factory.mktemp(request.param), request.param, corpus_lines)
+    folder = make_tiny_llm(tmp_path_factory.mktemp(request.param), request.param, corpus_lines)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     from distinfer.models.llm.tokenizer import load_tokenizer
 
@@ -125,3 +90,23 @@ def test_other_architectures_are_refused_by_name(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ModelError, match=r"architecture 'gpt2' is not supported; supported: Gemma 3"):
         distinfer.run(model=str(folder), input=str(tmp_path / "x.jsonl"), output=str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize(("good", "bad", "message"), [
+    ({"prompt": "fine", "temperature": 0.5}, {"prompt": "fine", "temperature": -1},
+     r"prompts\.jsonl row 2 \(line 3\): temperature must be >= 0, got -1"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, {"messages": []},
+     r"prompts\.jsonl row 2 \(line 3\): messages: give a non-empty list"),
+    ({"prompt": "fine"}, {"prompt": "word " * 600},
+     r"prompts\.jsonl row 2 \(line 3\): the prompt has \d+ tokens; the model's context holds 512"),
+    ({"prompt": "fine", "max_tokens": 2}, {"prompt": "fine", "max_tokens": 0},
+     r"prompts\.jsonl row 2 \(line 3\): max_tokens must be >= 1, got 0"),
+], ids=["temperature", "empty-chat", "too-long", "max-tokens"])
+def test_a_bad_row_fails_the_job_naming_its_absolute_row(
+    tiny: Any, good: dict[str, Any], bad: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in (good, good, bad)), encoding="utf-8")
+    with pytest.raises(ModelInputError, match=message):
+        distinfer.run(model=str(tiny[0]), input=str(source), output=str(tmp_path / "out"), max_tokens=4,
+                      workers=1, block_size=4, min_block_size=4)

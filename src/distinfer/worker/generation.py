@@ -5,8 +5,10 @@ own process, with the executor the strategy needs.
 - pipeline: this process is stage 0 (the embedding and the first layers); stages 1..K-1 are
   linked as for any pipeline (`stage_links`: shared-memory rings between local processes,
   or Ray actors). The engine keeps K steps in flight, each over its own group of sequences,
-  so every stage has work while the others compute; the last stage samples and its token
-  ids come back to stage 0, which schedules that group's next step;
+  so every stage has work while the others compute. The LM head is split between the last
+  stage (the upper half of the vocabulary: its best candidates come back with the final
+  hidden states) and stage 0 (the lower half), which merges, samples and schedules that
+  group's next step (models/llm/staged.py says why);
 - tensor: `worker/llm_tensor.py`.
 
 A stage that is lost ends this process (exit code 3), so the backend reports the replica lost
@@ -27,9 +29,9 @@ from ..messages import GroupStats, WorkerSpec
 from ..models.base import Runner
 from ..models.families.llm import LlmFamily
 from ..models.llm.paged import SeqChunk, build_meta
-from ..models.llm.runner import GenerationRunner, LlmModel, LocalExecutor
-from ..models.llm.sampling import SamplingParams
-from ..models.llm.staged import LlmStaged, step_item
+from ..models.llm.runner import GenerationRunner, LlmModel, LocalExecutor, choose_all
+from ..models.llm.sampling import SamplingParams, merge_candidates
+from ..models.llm.staged import LlmStaged, candidates_for, step_item, upper_half
 from .process import host_label, peak_rss
 from .stage_links import DEFAULT_SLOT_BYTES, MemberFigures, StageFailed, StageLost, start_links
 
@@ -59,7 +61,8 @@ class PipelineExecutor:
                  transport: str = "local", options: Mapping[str, Any] | None = None,
                  slot_bytes: int = 0) -> None:
         self.depth = len(stages)
-        self.head = model.part(*stages[0])
+        lower = (0, upper_half(model.config.vocab)[0]) if len(stages) > 1 else None
+        self.head = model.part(*stages[0], head_rows=lower)
         self.ring = model.cache_plan().ring
         self.links = None
         if len(stages) > 1:
@@ -68,6 +71,7 @@ class PipelineExecutor:
                                      options or {}, slot)
         self.hosts = (host_label(), *(self.links.hosts if self.links else ()))
         self._local: deque[list[int]] = deque()
+        self._sampling: deque[list[tuple[SamplingParams, int]]] = deque()  # of the steps in flight
         self._busy = self._comm = 0.0
         self._started: float | None = None
         self._steps = 0
@@ -88,6 +92,7 @@ class PipelineExecutor:
             self._local.append(sample_tokens(self.head.logits(x), sampling) if sampling else [])
             return
         t = time.perf_counter()
+        self._sampling.append(sampling)
         try:
             self.links.send(step_item(chunks, sampling, x))
         except StageLost as exc:
@@ -105,9 +110,17 @@ class PipelineExecutor:
             self._lost(exc)
         y, figures = item
         self._last = figures
+        sampling = self._sampling.popleft()
         if isinstance(y, StageFailed):
             raise y.raised(0)
-        return [int(t) for t in y["tokens"]]
+        if not sampling:
+            return []
+        t = time.perf_counter()  # the lower half of the vocabulary is scored here
+        k = candidates_for(sampling)
+        values, ids = merge_candidates([self.head.candidates(y["h"], k), (y["values"], y["ids"])], k)
+        tokens = choose_all(values.numpy(), ids.numpy(), sampling)
+        self._busy += time.perf_counter() - t
+        return tokens
 
     def _lost(self, exc: BaseException) -> NoReturn:
         log_to_stderr(logging.WARNING)  # this process ends now: its reason must reach stderr

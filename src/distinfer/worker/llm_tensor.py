@@ -35,7 +35,7 @@ from ..messages import GroupStats
 from ..models.llm.model import DecoderPart
 from ..models.llm.paged import SeqChunk, build_meta
 from ..models.llm.runner import LlmModel, choose_all
-from ..models.llm.sampling import CANDIDATES, SamplingParams, merge_candidates, top_candidates
+from ..models.llm.sampling import CANDIDATES, SamplingParams, merge_candidates
 from .collectives import Comm, GroupLost, make_comm
 from .process import host_label, limit_threads, peak_rss
 from .tensor import comm_plan, resolve_comm
@@ -54,7 +54,7 @@ def _step(part: DecoderPart, comm: Comm, ring: int, chunks: list[SeqChunk],
     if not sampling:
         return None
     k = 1 if all(p.greedy for p, _ in sampling) else CANDIDATES
-    values, ids = top_candidates(part.logits(h), k, part.vocab_lo)
+    values, ids = part.candidates(h, k)
     rows = values.shape[0]
     exchange = torch.zeros((part.world, 2, rows, values.shape[1]), dtype=torch.float64)
     exchange[part.rank, 0] = values.double()

@@ -217,9 +217,25 @@ def read_config(path: Path) -> LlmConfig:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_file}: cannot read it as JSON ({exc})") from None
         return from_hf_config(raw, str(path))
+    # Reading a GGUF file's metadata parses its whole vocabulary (seconds): once per file.
+    from dataclasses import asdict
+
+    from .files import entry_dir, write_atomically
+
+    cached = entry_dir(path) / "config.json"
+    if cached.is_file():
+        try:
+            raw = json.loads(cached.read_text(encoding="utf-8"))
+            raw["windows"] = tuple(raw["windows"])
+            raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
+            return LlmConfig(**raw)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # written by another version: read the file again
     from .gguf_file import GgufFile
 
-    return GgufFile.open(path).config
+    config = GgufFile.open(path).config
+    write_atomically(cached, json.dumps(asdict(config)).encode("utf-8"))
+    return config
 
 
 def _int_or_none(value: Any) -> int | None:

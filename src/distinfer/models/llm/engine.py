@@ -78,7 +78,8 @@ class Sequence:
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     """A token made for request `id`: its text (whole characters; may be "") and, on the
-    last one, why the sequence ended."""
+    last one, why the sequence ended (`token` is -1 when a sequence ends without one: the KV
+    cache cannot hold it any longer)."""
 
     id: int
     token: int
@@ -181,7 +182,14 @@ class Engine:
                 break
             self._submit(batch)
         if not self.in_flight:
-            if self.waiting and not self.running:
+            if self.running:  # alone in the cache and still too long for it: it ends here
+                seq = self.running[0]
+                seq.finish = "length"
+                tail = seq.decoder.flush() if seq.decoder else ""
+                seq.text += tail
+                self._retire(seq)
+                return [TokenEvent(seq.request.id, -1, tail, "length")]
+            if self.waiting:
                 raise RuntimeError("the KV cache cannot hold the next sequence")  # add() rules it out
             return []
         return self._finish_step(self.in_flight.popleft(), self.executor.collect())
@@ -286,7 +294,9 @@ class Engine:
             seq.in_flight = False
             wanted = seq.computed + n == seq.length
             seq.computed += n
-            self.stats.prompt_tokens += n if wanted is False or n > 1 else 0
+            # every token fed is prefill work but a generated token fed to make the next one
+            decoding = wanted and seq.length - 1 >= len(seq.request.prompt)
+            self.stats.prompt_tokens += n - 1 if decoding else n
             if not wanted:
                 continue
             token = next(made)

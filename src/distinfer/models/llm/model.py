@@ -148,25 +148,40 @@ class DecoderPart:
 
     def __init__(self, config: LlmConfig, store: WeightStore, start: int, stop: int, rank: int = 0,
                  world: int = 1, all_reduce: AllReduce | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, head_rows: tuple[int, int] | None = None) -> None:
+        """`head_rows`: the vocabulary rows this part scores (default: the last part scores the
+        whole vocabulary, or its rank's slice); a pipeline splits the LM head between its
+        first and last stages."""
         self.config, self.start, self.stop = config, start, stop
         self.rank, self.world = rank, world
         self.all_reduce = all_reduce if world > 1 else None
         self.dtype = dtype
         v = config.vocab // world
-        self.vocab_lo = rank * v
+        self.vocab_lo = rank * v  # a rank's slice of the embedding (tensor parallel)
+        if head_rows is None and stop == config.layers:
+            head_rows = (self.vocab_lo, self.vocab_lo + v)
+        self.head_rows = head_rows
         self.embed: torch.Tensor | None = None
         self.head: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
-        if start == 0 or (stop == config.layers and config.tied_embeddings):
-            embed = store.part("embed")["embed"]
-            self.embed = embed[self.vocab_lo : self.vocab_lo + v].to(dtype).contiguous()
+        table: torch.Tensor | None = None
+        if start == 0 or (head_rows and config.tied_embeddings):
+            table = store.part("embed")["embed"]
+        if start == 0:
+            assert table is not None
+            self.embed = table[self.vocab_lo : self.vocab_lo + v].to(dtype).contiguous()
         if stop == config.layers:
             self.norm = store.part("norm")["norm"].float()
-            self.head = self.embed if config.tied_embeddings else (
-                store.part("head")["head"][self.vocab_lo : self.vocab_lo + v].to(dtype).contiguous())
-            if start != 0 and config.tied_embeddings:
-                self.embed = None  # only the head's copy is needed here
+        if head_rows is not None:
+            lo, hi = head_rows
+            if not config.tied_embeddings:
+                table = store.part("head")["head"]
+            assert table is not None
+            if self.embed is not None and (lo, hi) == (self.vocab_lo, self.vocab_lo + v):
+                self.head = self.embed
+            else:
+                self.head = table[lo:hi].to(dtype).contiguous()
+        del table
         self.layers = [_Layer(config, i, store.part(f"layer.{i}"), rank, world, dtype)
                        for i in range(start, stop)]
         self.windows = {layer.window for layer in self.layers}
@@ -228,6 +243,14 @@ class DecoderPart:
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the next-token scores, float32 [S', vocab / world]."""
+        """The scores of this part's vocabulary rows (`head_rows`), float32 [S', rows]."""
         assert self.head is not None
-        return F.linear(h, self.head).float()
+        return F.linear(h.to(self.dtype), self.head).float()
+
+    @torch.inference_mode()
+    def candidates(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `k` best (score, token id) of this part's vocabulary rows for each row of `h`."""
+        from .sampling import top_candidates
+
+        assert self.head_rows is not None
+        return top_candidates(self.logits(h), k, self.head_rows[0])

@@ -83,7 +83,8 @@ def build_meta(chunks: list[SeqChunk], windows: set[int], ring: int) -> StepMeta
         firsts.append(len(tokens))
         tokens.extend(c.tokens)
         positions.append(torch.arange(c.start, c.start + len(c.tokens)))
-    tables = [(torch.tensor(c.pages, dtype=torch.long), torch.tensor(c.ring, dtype=torch.long)) for c in chunks]
+    tables = [(torch.tensor(c.pages, dtype=torch.long), torch.tensor(c.ring, dtype=torch.long))
+              for c in chunks]
     kinds = {}
     for window in windows:
         write: list[torch.Tensor] = []

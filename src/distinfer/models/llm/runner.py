@@ -83,9 +83,9 @@ class LlmModel:
         return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
 
     def part(self, start: int, stop: int, rank: int = 0, world: int = 1,
-             all_reduce: AllReduce | None = None) -> DecoderPart:
+             all_reduce: AllReduce | None = None, head_rows: tuple[int, int] | None = None) -> DecoderPart:
         part = DecoderPart(self.config, WeightStore(self.path, self.config), start, stop, rank, world,
-                           all_reduce, self.dtype)
+                           all_reduce, self.dtype, head_rows)
         plan = self.cache_plan()
         part.allocate(plan.pages, plan.ring_pool)
         return part
@@ -121,12 +121,15 @@ class LlmModel:
 
     def layer_costs(self, batch_size: int) -> list[LayerCost]:
         """Each layer's share of a decode step of `batch_size` sequences, from its
-        multiply-adds (the LM head's with the last layer) at a nominal 20 GFLOP/s."""
+        multiply-adds at a nominal 20 GFLOP/s. A pipeline scores half the vocabulary in its
+        first stage and half in its last (`worker/generation.py`), so half the LM head is
+        counted with the first layer and half with the last."""
         from ...planning.cuts import LayerCost
 
         c = self.config
         flops = [2.0 * n * batch_size for n in c.layer_parameters()]
-        flops[-1] += 2.0 * c.vocab * c.hidden * batch_size
+        flops[0] += c.vocab * c.hidden * batch_size
+        flops[-1] += c.vocab * c.hidden * batch_size
         act = 4 * c.hidden * batch_size
         return [LayerCost(f"layer.{i}", f / 20e9, size, act)
                 for i, (f, size) in enumerate(zip(flops, self.weight_bytes(), strict=True))]
@@ -247,6 +250,7 @@ class GenerationRunner(Runner):
         self.preparer = PromptPreparer(model)
         self.input_names = ("prompt",)
         self.executor = executor(model)
+        self.hosts: tuple[str, ...] = getattr(self.executor, "hosts", ())  # a group's stages or ranks
         self.engine = model.engine(self.executor)
         self._group_stats = stats
         self.last: GenerationStats | None = None
