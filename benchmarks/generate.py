@@ -110,10 +110,17 @@ DISTINFER_CONFIGS: dict[str, tuple[str, list[str]]] = {
                 "--max-running", "64"]),
     "1x1-bf16": ("1x1 bfloat16", ["--workers", "1", *_ONE, "--max-running", "32", "--dtype", "bfloat16"]),
     "2x1-bf16": ("2x1 bfloat16", ["--workers", "2", *_ONE, "--max-running", "32", "--dtype", "bfloat16"]),
+    "1x2-bf16": ("1x2 bfloat16",
+                 ["--workers", "1", "--threads-per-worker", "2", "--max-running", "64",
+                  "--dtype", "bfloat16"]),
     "pipeline-bf16": ("1x(2 stages x 1) bfloat16",
-                      ["--workers", "1", *_ONE, "--strategy", "pipeline", "--stages", "2", "--max-running", "64",
-                       "--dtype", "bfloat16"]),
+                      ["--workers", "1", *_ONE, "--strategy", "pipeline", "--stages", "2",
+                       "--max-running", "64", "--dtype", "bfloat16"]),
 }
+
+
+def _flag(flags: list[str], name: str) -> str:
+    return flags[flags.index(name) + 1]
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -280,8 +287,8 @@ def distinfer_run(args: argparse.Namespace, name: str, jsonl: Path, work: Path) 
         str(args.new_tokens),
         "--ignore-eos",
         *DISTINFER_CONFIGS[name][1],
-        "--block-size",
-        str(args.block_size),
+        "--block-size",  # a replica runs a block's prompts together: a block per running batch
+        str(args.block_size or _flag(DISTINFER_CONFIGS[name][1], "--max-running")),
         *shlex.split(args.distinfer_extra),
     ]
     log(f"distinfer {name}: {shlex.join(cmd[3:])}")
@@ -330,8 +337,7 @@ def rows_of(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"engine": f"llama.cpp {r['api']}", "procs": f"1x{lc['threads']}", **r})
     for r in results.get("distinfer", []):
         procs = DISTINFER_CONFIGS[r["config"]][0]
-        flags = DISTINFER_CONFIGS[r["config"]][1]
-        batch = flags[flags.index("--max-running") + 1]
+        batch = _flag(DISTINFER_CONFIGS[r["config"]][1], "--max-running")
         rows.append({"engine": f"distinfer {r['config']}", "procs": procs, "batch": batch, **r})
     return rows
 
@@ -464,13 +470,13 @@ def main() -> int:
         "--distinfer-model", default="gemma3-270m", help="distinfer's --model (default gemma3-270m)"
     )
     parser.add_argument(
-        "--block-size", type=int, default=32,
-        help="distinfer --block-size: prompts per block (default 32, so 2 workers share the prompts)",
+        "--block-size", type=int, default=None,
+        help="distinfer --block-size: prompts per block (default: each configuration's --max-running)",
     )
     parser.add_argument("--distinfer-extra", default="", help="more `distinfer run` flags, one shell string")
     args = parser.parse_args()
     if args.quick:
-        args.prompt_tokens, args.new_tokens, args.prompts, args.block_size = 16, 16, 16, 8
+        args.prompt_tokens, args.new_tokens, args.prompts = 16, 16, 16
         args.batch_sizes = "1,8"
     args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
     if max(args.batch_sizes) > args.prompts:

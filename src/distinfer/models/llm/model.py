@@ -164,24 +164,18 @@ class DecoderPart:
         self.embed: torch.Tensor | None = None
         self.head: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
-        table: torch.Tensor | None = None
-        if start == 0 or (head_rows and config.tied_embeddings):
-            table = store.part("embed")["embed"]
         if start == 0:
-            assert table is not None
-            self.embed = table[self.vocab_lo : self.vocab_lo + v].to(dtype).contiguous()
+            self.embed = store.rows("embed", self.vocab_lo, self.vocab_lo + v).to(dtype).contiguous()
         if stop == config.layers:
             self.norm = store.part("norm")["norm"].float()
         if head_rows is not None:
             lo, hi = head_rows
-            if not config.tied_embeddings:
-                table = store.part("head")["head"]
-            assert table is not None
-            if self.embed is not None and (lo, hi) == (self.vocab_lo, self.vocab_lo + v):
+            own = (lo, hi) == (self.vocab_lo, self.vocab_lo + v)
+            if self.embed is not None and config.tied_embeddings and own:
                 self.head = self.embed
             else:
-                self.head = table[lo:hi].to(dtype).contiguous()
-        del table
+                table = "embed" if config.tied_embeddings else "head"
+                self.head = store.rows(table, lo, hi).to(dtype).contiguous()
         self.layers = [_Layer(config, i, store.part(f"layer.{i}"), rank, world, dtype)
                        for i in range(start, stop)]
         self.windows = {layer.window for layer in self.layers}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ...errors import ModelError
@@ -72,6 +71,21 @@ class WeightStore:
 
         write_atomically(cached, save(tensors))
         return tensors
+
+    def rows(self, part: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a one-tensor part ("embed", "head"), read alone from the cache
+        where it can be (a tensor-parallel rank's or a pipeline stage's share of the
+        vocabulary), so the rest of the table never enters this process's memory."""
+        if self._hf is None:
+            cached = entry_dir(self.path) / "f32" / f"{part}.safetensors"
+            if not cached.is_file():
+                self.part(part)  # dequantise and cache it first
+            from safetensors import safe_open
+
+            with safe_open(str(cached), framework="pt") as f:
+                rows: torch.Tensor = f.get_slice(part)[lo:hi]
+                return rows.contiguous()
+        return self.part(part)[part][lo:hi].contiguous()
 
     # --- sources ------------------------------------------------------------------------
 
@@ -174,6 +188,3 @@ def _stored_name(f: object, canonical: str) -> str:
             return str(key)
     raise KeyError(canonical)
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
