@@ -67,9 +67,9 @@ def test_one_process_many_at_once_and_one_at_a_time_equal_transformers(
 def test_a_kv_cache_too_small_for_all_preempts_and_still_gives_the_reference(
     gemma_path: Path, gemma_reference: Reference
 ) -> None:
-    # 3 global layers x 2 x 256 floats x 4 bytes x 16 tokens = 96 KiB per page; 12 MiB holds
-    # about 64 pages of global layers and rings for a handful of sequences
-    got, stats = _engine_ids(gemma_path, gemma_reference, kv_cache_bytes=12 << 20, max_running=16)
+    # A page of the 15 sliding-window layers takes 480 KiB and a sequence's ring up to 49 of
+    # them: half of 64 MiB holds 68, so the two long prompts cannot both run with the rest.
+    got, stats = _engine_ids(gemma_path, gemma_reference, kv_cache_bytes=64 << 20, max_running=16)
     assert stats.preemptions > 0
     compare(got, gemma_reference, "preempted")
 

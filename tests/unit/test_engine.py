@@ -150,3 +150,18 @@ def test_a_sequence_too_long_for_the_whole_cache_ends_with_length() -> None:
     r = Request(0, tuple(range(100, 120)), 100, SamplingParams(seed=1000))  # no EOS: grows past 2 pages
     done = e.run_all([r])
     assert done[0].finish == "length" and done[0].computed == 2 * PAGE  # the cache held all it could
+
+
+def test_preemption_never_takes_a_sequence_already_in_the_step() -> None:
+    # many growing sequences in a small cache: each step checks that every chunk has its pages
+    class Checking(FakeExecutor):
+        def submit(self, chunks: list[SeqChunk], sampling: list[tuple[SamplingParams, int]]) -> None:
+            for c in chunks:
+                assert len(c.pages) * PAGE >= c.start + len(c.tokens), "a chunk without its pages"
+            super().submit(chunks, sampling)
+
+    reqs = [Request(i, tuple(range(100, 110 + 3 * i)), 60, SamplingParams(seed=1000)) for i in range(10)]
+    e = engine(Checking(), pages=12, max_running=10)
+    done = e.run_all(reqs)
+    assert e.stats.preemptions > 0
+    assert [done[r.id].out for r in reqs] == [expected(r) for r in reqs]

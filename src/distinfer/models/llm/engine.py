@@ -231,10 +231,12 @@ class Engine:
             self.ring_pool.give(seq.ring)
         seq.ring = []
 
-    def _preempt_for(self, seq: Sequence) -> bool:
-        """Free pages by preempting the newest other sequence not in flight."""
+    def _preempt_for(self, seq: Sequence, keep: list[tuple[Sequence, int]]) -> bool:
+        """Free pages by preempting the newest other sequence neither in flight nor already
+        in the step being formed (`keep`)."""
+        chosen = {id(s) for s, _ in keep}
         for victim in reversed(self.running):
-            if victim is not seq and not victim.in_flight:
+            if victim is not seq and not victim.in_flight and id(victim) not in chosen:
                 self.running.remove(victim)
                 self._release(victim)
                 victim.computed = 0
@@ -255,7 +257,7 @@ class Engine:
                 continue
             n = min(seq.length - seq.computed, budget)
             while not self._grow(seq, seq.computed + n):
-                if not self._preempt_for(seq):
+                if not self._preempt_for(seq, batch):
                     n = 0
                     break
             if n:
