@@ -220,9 +220,14 @@ def transformers_peer(args: argparse.Namespace, gguf: Path, prompts_file: Path) 
         str(args.repeats),
     ]
     log(f"transformers: batch sizes {args.batch_sizes} ...")
-    rc, out, err, tree_rss, wall = run_child(cmd, child_env(args.threads))
+    return run_peer("transformers", cmd, args.threads)
+
+
+def run_peer(name: str, cmd: list[str], threads: int) -> dict[str, Any]:
+    """A peer's JSON line of figures, with its command, peak memory and wall time."""
+    rc, out, err, tree_rss, wall = run_child(cmd, child_env(threads))
     if rc != 0:
-        raise SystemExit(f"transformers peer failed:\n{err[-3000:]}")
+        raise SystemExit(f"{name} peer failed:\n{err[-3000:]}")
     result = last_json(out)
     result.update(command=shlex.join(cmd), process_peak_rss=tree_rss, process_wall_s=wall)
     return result
@@ -256,12 +261,7 @@ def llama_cpp_peer(args: argparse.Namespace, gguf: Path, prompts_file: Path) -> 
         args.flash_attn,
     ]
     log(f"llama.cpp: generate (batch 1), batched {batched} ...")
-    rc, out, err, tree_rss, wall = run_child(cmd, child_env(args.threads))
-    if rc != 0:
-        raise SystemExit(f"llama.cpp peer failed:\n{err[-3000:]}")
-    result = last_json(out)
-    result.update(command=shlex.join(cmd), process_peak_rss=tree_rss, process_wall_s=wall)
-    return result
+    return run_peer("llama.cpp", cmd, args.threads)
 
 
 # --- distinfer -------------------------------------------------------------------------------

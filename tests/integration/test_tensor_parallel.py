@@ -39,7 +39,7 @@ def runner(request: pytest.FixtureRequest) -> Iterator[tuple[str, TensorParallel
     tp = TensorParallelRunner(parse_model(name), 2, 1, comm=comm)
     yield name, tp
     tp.close()
-    assert not any(proc.is_alive() for proc in tp._procs)
+    assert not any(proc.is_alive() for proc in tp._group.procs)
 
 
 def test_two_ranks_equal_the_whole_model(runner: tuple[str, TensorParallelRunner], corpus_lines: list[str]) -> None:
@@ -81,7 +81,7 @@ from distinfer.models import parse_model
 from distinfer.worker.tensor import TensorParallelRunner
 
 tp = TensorParallelRunner(parse_model("decoder-tiny"), 2, 1, comm=sys.argv[1])
-print(tp._procs[0].pid, flush=True)
+print(tp._group.procs[0].pid, flush=True)
 while True:
     run_block(tp, {"text": ["In the beginning God created the heaven and the earth."] * 32}, 8, StageTimer())
 """

@@ -22,10 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import shutil
 import signal
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -37,8 +36,8 @@ from ..models.llm.paged import SeqChunk, build_meta
 from ..models.llm.runner import LlmModel, choose_all
 from ..models.llm.sampling import CANDIDATES, SamplingParams, merge_candidates
 from .collectives import Comm, GroupLost, make_comm
-from .process import host_label, limit_threads, peak_rss
-from .tensor import comm_plan, resolve_comm
+from .process import limit_threads, peak_rss
+from .tensor import RankGroup, resolve_comm
 
 __all__ = ["TensorExecutor"]
 
@@ -127,69 +126,36 @@ class TensorExecutor:
             raise ModelError(problem or comm_problem or "")
         self.world = world
         self.ring = model.cache_plan().ring
-        ctx = torch.multiprocessing.get_context("spawn")
-        plan, self._store_dir = comm_plan(ctx, comm, world)
-        self._status = ctx.Queue()
-        self._controls = [ctx.Queue() for _ in range(1, world)]
-        self._procs: list[Any] = []
+        self._group = RankGroup(comm, world)
         self._done: list[list[int]] = []
         self._busy = 0.0
         self._seen = [(0.0, 0.0)] * world
         self._started: float | None = None
         self._steps = 0
         self._closed = False
-        self._comm = make_comm(plan, 0, world, torch.device("cpu"), self._dead_rank)
+        self._comm = make_comm(self._group.plan, 0, world, torch.device("cpu"), self._group.dead_rank)
         try:
-            for rank in range(1, world):
-                proc = ctx.Process(target=_rank_main, name=f"distinfer-rank-{rank}", daemon=True,
-                                   args=(model, rank, world, threads, plan, self._controls[rank - 1],
-                                         self._status))
-                proc.start()
-                self._procs.append(proc)
+            self._group.start(_rank_main, lambda rank: (
+                model, rank, world, threads, self._group.plan, self._group.controls[rank - 1],
+                self._group.status))
             self.part = model.part(0, model.config.layers, 0, world, self._comm.all_reduce)
-            self._wait_ready()
-            here = host_label()
-            self.hosts = (here, *(f"{here.split(' pid ')[0]} pid {p.pid}" for p in self._procs))
-            for control in self._controls:
-                control.put(("connect",))
+            self._group.wait_ready()
+            self.hosts = self._group.hosts()
+            self._group.tell(("connect",))
             self._comm.connect()
         except BaseException:
             self.close()
             raise
 
-    def _dead_rank(self) -> str | None:
-        for rank, proc in enumerate(self._procs, start=1):
-            if not proc.is_alive():
-                return f"rank {rank} died (exit code {proc.exitcode})"
-        return None
-
-    def _wait_ready(self) -> None:
-        waiting = set(range(1, self.world))
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while waiting:
-            try:
-                kind, rank, text = self._status.get(timeout=_POLL_S)
-            except queue.Empty:
-                dead = self._dead_rank()
-                if dead is not None:
-                    raise ModelError(f"tensor-parallel {dead} while loading") from None
-                if time.monotonic() > deadline:
-                    raise ModelError("a tensor-parallel rank did not load within 10 minutes") from None
-                continue
-            if kind == "error":
-                raise ModelError(f"tensor-parallel rank {rank} could not load its shards: {text}")
-            waiting.discard(rank)
-
     def submit(self, chunks: list[SeqChunk], sampling: list[tuple[SamplingParams, int]]) -> None:
         if self._started is None:
             self._started = time.perf_counter()
         t = time.perf_counter()
-        for control in self._controls:
-            control.put(("step", chunks, sampling))
+        self._group.tell(("step", chunks, sampling))
         try:
             merged = _step(self.part, self._comm, self.ring, chunks, sampling)
         except GroupLost as exc:
-            self._lost(str(exc))
+            self._group.lost(str(exc))
         self._busy += time.perf_counter() - t
         self._steps += 1
         if merged is None:
@@ -201,28 +167,19 @@ class TensorExecutor:
     def collect(self) -> list[int]:
         return self._done.pop(0)
 
-    def _lost(self, why: str) -> NoReturn:
-        for proc in self._procs:
-            proc.join(timeout=0.5)
-        why = self._dead_rank() or why
-        log_to_stderr(logging.WARNING)
-        log.critical("tensor-parallel group lost: %s", why)
-        os._exit(3)
-
     def group_stats(self) -> GroupStats | None:
         """Each rank's busy and communication seconds since the last call (a block)."""
         if self._started is None:
             return None
-        for control in self._controls:
-            control.put(("figures",))
+        self._group.tell(("figures",))
         figures = {0: (self._busy, self._comm.seconds, peak_rss())}
         deadline = time.monotonic() + 60
         while len(figures) < self.world and time.monotonic() < deadline:
             try:
-                kind, rank, value = self._status.get(timeout=_POLL_S)
+                kind, rank, value = self._group.status.get(timeout=_POLL_S)
             except queue.Empty:
-                if (dead := self._dead_rank()) is not None:
-                    self._lost(dead)
+                if (dead := self._group.dead_rank()) is not None:
+                    self._group.lost(dead)
                 continue
             if kind == "figures":
                 figures[rank] = value
@@ -240,16 +197,5 @@ class TensorExecutor:
         if self._closed:
             return
         self._closed = True
-        for control in self._controls:
-            control.put(None)
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+        self._group.stop()
         self._comm.release()
-        for q in (self._status, *self._controls):
-            q.close()
-            q.join_thread()
-        if self._store_dir is not None:
-            shutil.rmtree(self._store_dir, ignore_errors=True)

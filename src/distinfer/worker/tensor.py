@@ -59,7 +59,7 @@ from ..models.family import ModelSpec, ShardedForm
 from .collectives import CHUNK_BYTES, GroupLost, make_comm
 from .process import host_label, limit_threads, peak_rss
 
-__all__ = ["TensorParallelRunner", "comm_plan", "resolve_comm"]
+__all__ = ["RankGroup", "TensorParallelRunner", "comm_plan", "resolve_comm"]
 
 _READY_TIMEOUT_S = 600.0  # loading the shards
 _COLLECTIVE_TIMEOUT_S = 300.0  # one collective: bounded by how far the ranks drift apart
@@ -172,6 +172,87 @@ def comm_plan(ctx: Any, comm: str, world: int) -> tuple[tuple[Any, ...], str | N
     return (comm, os.path.join(store_dir, "store")), store_dir
 
 
+class RankGroup:
+    """Ranks 1..world-1 of a group as spawned child processes of rank 0 (this process): the
+    plan by which every rank joins the collectives, one control queue per rank, one status
+    queue, and the life cycle every tensor-parallel group shares: start, wait until each
+    rank has loaded, notice a dead rank, stop. `TensorParallelRunner` and the generation
+    engine's `TensorExecutor` (worker/llm_tensor.py) are both built on it."""
+
+    def __init__(self, comm: str, world: int) -> None:
+        self.world = world
+        self.ctx = torch.multiprocessing.get_context("spawn")
+        self.plan, self._store_dir = comm_plan(self.ctx, comm, world)
+        self.status = self.ctx.Queue()
+        self.controls = [self.ctx.Queue() for _ in range(1, world)]
+        self.procs: list[Any] = []
+
+    def start(self, target: Any, args_of: Any) -> None:
+        """Start rank r (1..world-1) as `target(*args_of(r))`."""
+        for rank in range(1, self.world):
+            proc = self.ctx.Process(target=target, args=args_of(rank), name=f"distinfer-rank-{rank}",
+                                    daemon=True)
+            proc.start()
+            self.procs.append(proc)
+
+    def tell(self, message: Any) -> None:
+        for control in self.controls:
+            control.put(message)
+
+    def hosts(self) -> tuple[str, ...]:
+        here = host_label()
+        return (here, *(f"{here.split(' pid ')[0]} pid {p.pid}" for p in self.procs))
+
+    def dead_rank(self) -> str | None:
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                return f"rank {rank} died (exit code {proc.exitcode})"
+        return None
+
+    def wait_ready(self) -> None:
+        waiting = set(range(1, self.world))
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while waiting:
+            try:
+                kind, rank, text = self.status.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = self.dead_rank()
+                if dead is not None:
+                    raise ModelError(f"tensor-parallel {dead} while loading") from None
+                if time.monotonic() > deadline:
+                    raise ModelError("a tensor-parallel rank did not load within 10 minutes") from None
+                continue
+            if kind == "error":
+                raise ModelError(f"tensor-parallel rank {rank} could not load its shards: {text}")
+            waiting.discard(rank)
+
+    def lost(self, why: str) -> NoReturn:
+        """End this process (exit code 3) so the backend sees the replica lost; the reason
+        names the rank that died when one did."""
+        for proc in self.procs:
+            proc.join(timeout=0.5)
+            if not proc.is_alive():
+                break
+        why = self.dead_rank() or why
+        log_to_stderr(logging.WARNING)  # this process ends now: its reason must reach stderr
+        log.critical("tensor-parallel group lost: %s", why)
+        os._exit(3)
+
+    def stop(self) -> None:
+        """Stop every rank (asked first, then killed) and drop the queues."""
+        self.tell(None)
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for q in (self.status, *self.controls):
+            q.close()
+            q.join_thread()
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+
+
 class TensorParallelRunner(Runner):
     """`spec`'s model sharded over `world` ranks (its family's `sharded` form; see
     models/family.py): this process is rank 0, ranks 1..world-1 are child processes using `threads`
@@ -198,56 +279,21 @@ class TensorParallelRunner(Runner):
         self.device = dev
         self._stats: GroupStats | None = None
         self._closed = False
-        self._store_dir: str | None = None
-        ctx = torch.multiprocessing.get_context("spawn")
-        plan, self._store_dir = comm_plan(ctx, comm, world)
-        self._status = ctx.Queue()
-        self._controls = [ctx.Queue() for _ in range(1, world)]
-        self._procs: list[Any] = []
-        self._comm = make_comm(plan, 0, world, dev, self._dead_rank)
+        self._group = RankGroup(comm, world)
+        self._status = self._group.status
+        self._comm = make_comm(self._group.plan, 0, world, dev, self._group.dead_rank)
         try:
-            for rank in range(1, world):
-                proc = ctx.Process(
-                    target=_rank_main,
-                    args=(sharded, rank, world, threads, device, plan,
-                          self._controls[rank - 1], self._status),
-                    name=f"distinfer-rank-{rank}", daemon=True,
-                )
-                proc.start()
-                self._procs.append(proc)
+            self._group.start(_rank_main, lambda rank: (
+                sharded, rank, world, threads, device, self._group.plan, self._group.controls[rank - 1],
+                self._status))
             self._model = sharded.build_rank(0, world, self._comm.all_reduce, dev)
-            self._wait_ready()
-            here = host_label()
-            self.hosts = (here, *(f"{here.split(' pid ')[0]} pid {p.pid}" for p in self._procs))
-            for control in self._controls:
-                control.put(("connect",))
+            self._group.wait_ready()
+            self.hosts = self._group.hosts()
+            self._group.tell(("connect",))
             self._comm.connect()
         except BaseException:
             self.close()
             raise
-
-    def _dead_rank(self) -> str | None:
-        for rank, proc in enumerate(self._procs, start=1):
-            if not proc.is_alive():
-                return f"rank {rank} died (exit code {proc.exitcode})"
-        return None
-
-    def _wait_ready(self) -> None:
-        waiting = set(range(1, self.world))
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while waiting:
-            try:
-                kind, rank, text = self._status.get(timeout=_POLL_S)
-            except queue.Empty:
-                dead = self._dead_rank()
-                if dead is not None:
-                    raise ModelError(f"tensor-parallel {dead} while loading") from None
-                if time.monotonic() > deadline:
-                    raise ModelError("a tensor-parallel rank did not load within 10 minutes") from None
-                continue
-            if kind == "error":
-                raise ModelError(f"tensor-parallel rank {rank} could not load its shards: {text}")
-            waiting.discard(rank)
 
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         return self.preparer.prepare(inputs, batch_size)
@@ -264,8 +310,7 @@ class TensorParallelRunner(Runner):
         start = time.perf_counter()
         comm_before = self._comm.seconds
         shapes = [tuple(ids.shape) for ids, _ in batches]
-        for control in self._controls:
-            control.put(("run", shapes))
+        self._group.tell(("run", shapes))
         results: list[dict[str, np.ndarray]] = []
         failures: dict[int, RankFailure] = {}  # rank -> its first failure in this block
         try:
@@ -314,7 +359,7 @@ class TensorParallelRunner(Runner):
             try:
                 kind, rank, value, *rest = self._status.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = self._dead_rank()
+                dead = self._group.dead_rank()
                 if dead is not None:
                     self._lost(dead)
                 if time.monotonic() > deadline:
@@ -334,16 +379,8 @@ class TensorParallelRunner(Runner):
 
     def _lost(self, why: str) -> NoReturn:
         # The group cannot go on without every rank: end this worker so that the backend
-        # sees it lost and the scheduler assigns its blocks again. A peer's closed connection
-        # is reported best as the rank that died, once its process is reaped.
-        for proc in self._procs:
-            proc.join(timeout=0.5)
-            if not proc.is_alive():
-                break
-        why = self._dead_rank() or why
-        log_to_stderr(logging.WARNING)  # this process ends now: its reason must reach stderr
-        log.critical("tensor-parallel group lost: %s", why)
-        os._exit(3)
+        # sees it lost and the scheduler assigns its blocks again.
+        self._group.lost(why)
 
     def group_stats(self) -> GroupStats | None:
         return self._stats
@@ -353,16 +390,5 @@ class TensorParallelRunner(Runner):
         if self._closed:
             return
         self._closed = True
-        for control in self._controls:
-            control.put(None)
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+        self._group.stop()
         self._comm.release()
-        for q in (self._status, *self._controls):
-            q.close()
-            q.join_thread()
-        if self._store_dir is not None:
-            shutil.rmtree(self._store_dir, ignore_errors=True)
