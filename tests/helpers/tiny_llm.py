@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["make_tiny_llm"]
+__all__ = ["make_tiny_llm", "tokenizer_for"]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
@@ -18,7 +18,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer(corpus: list[str]) -> Tokenizer:
+def tokenizer_for(corpus: list[str]) -> Tokenizer:
+    """A byte-level BPE of 500 tokens trained on `corpus`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,7 +51,7 @@ def make_tiny_llm(folder: Path, kind: str, corpus: list[str]) -> Path:
             if p.dim() == 2:
                 p.mul_(3.0)
     model.save_pretrained(folder)
-    _tokenizer(corpus).save(str(folder / "tokenizer.json"))
+    tokenizer_for(corpus).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast",
          "chat_template": CHAT_TEMPLATE}))

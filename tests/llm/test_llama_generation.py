@@ -110,3 +110,85 @@ def test_a_bad_row_fails_the_job_naming_its_absolute_row(
     with pytest.raises(ModelInputError, match=message):
         distinfer.run(model=str(tiny[0]), input=str(source), output=str(tmp_path / "out"), max_tokens=4,
                       workers=1, block_size=4, min_block_size=4)
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py permutation of q and k (for its interleaved RoPE)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_a_llama_gguf_file_equals_transformers_reading_it(
+    tmp_path: Path, corpus_lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Llama GGUF written as llama.cpp's converter writes one (q/k permuted, float32), read by
+    transformers (`gguf_file=`) and by us: the same greedy tokens."""
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("DISTINFER_CACHE", str(tmp_path / "cache"))  # read from the file, not a cache
+    import numpy as np
+    from tiny_llm import tokenizer_for
+
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=0, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    tok = tokenizer_for(corpus_lines)
+    spec = json.loads(tok.to_str())
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]
+    tokens += [f"<unused{i}>" for i in range(512 - len(tokens))]
+    path = tmp_path / "tiny-llama.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in ("<|endoftext|>", "<s>") else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(0)
+    sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(2):
+        for ours, theirs in {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}.items():
+            names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    for name, tensor in sd.items():
+        if name not in names:
+            continue
+        if name.endswith("q_proj.weight"):
+            tensor = _permute(tensor, 4)
+        elif name.endswith("k_proj.weight"):
+            tensor = _permute(tensor, 2)
+        w.add_tensor(names[name], np.ascontiguousarray(tensor.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    prompts = [[1, 40, 41, 42], [1, 7], [1, *range(100, 160)]]
+    model = LlmModel(path, GenerationOptions(max_tokens=NEW))
+    engine = model.engine(LocalExecutor(model))
+    done = engine.run_all(Request(i, tuple(p), NEW) for i, p in enumerate(prompts))
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            out = reference.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
+                                     eos_token_id=0, pad_token_id=0)[0, len(p):].tolist()
+            theirs = out[: out.index(0)] if 0 in out else out
+            assert done[i].out == theirs, f"prompt {i}"

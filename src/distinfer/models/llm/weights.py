@@ -152,8 +152,8 @@ def _layer_index(part: str, config: LlmConfig) -> int:
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k permutation (interleaved RoPE pairs back to rotate-half halves)."""
-    out_dim = w.shape[0]
-    return w.reshape(heads, 2, out_dim // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    half = w.shape[0] // heads // 2  # as transformers' GGUF loader undoes it
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_index(path: Path) -> dict[str, Path]:
