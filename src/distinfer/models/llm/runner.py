@@ -110,13 +110,15 @@ class LlmModel:
         return CachePlan(max(int(pages), 1), ring, max(int(ring_pool), ring))
 
     def weight_bytes(self) -> list[int]:
-        """Each layer's weights (the embedding with the first, an untied head with the last)."""
+        """Each layer's weights as a pipeline holds them: the embedding with the first layer,
+        and the LM head split between the first and the last (models/llm/staged.py), so the
+        last stage holds half the vocabulary's rows again (a whole model holds it once)."""
         c = self.config
         itemsize = 2 if self.options.dtype == "bfloat16" else 4
         sizes = [itemsize * n for n in c.layer_parameters()]
-        sizes[0] += itemsize * c.vocab * c.hidden
-        if not c.tied_embeddings:
-            sizes[-1] += itemsize * c.vocab * c.hidden
+        table = itemsize * c.vocab * c.hidden
+        sizes[0] += table + (0 if c.tied_embeddings else table // 2)
+        sizes[-1] += table // 2
         return sizes
 
     def layer_costs(self, batch_size: int) -> list[LayerCost]:
