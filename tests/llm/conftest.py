@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,16 @@ class Reference:
     tokens: list[list[int]]  # greedy new tokens, EOS left out
     margins: list[list[float]]  # per step: the best logit minus the second best
     first_logits: list[torch.Tensor]  # the first step's logits of each prompt
+
+
+@pytest.fixture(autouse=True)
+def all_cores() -> Iterator[None]:
+    """In-process model runs (the reference, the engine) use every core, whatever an earlier
+    test left this process's torch set to."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +106,8 @@ def gemma_reference(gemma_path: Path, gemma_tokenizer, corpus_lines: list[str]) 
     from transformers import AutoModelForCausalLM
 
     prompts = [gemma_tokenizer.encode(p) for p in gemma_prompts(corpus_lines)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # session fixtures run before the autouse one
     model = AutoModelForCausalLM.from_pretrained(str(gemma_path.parent), gguf_file=gemma_path.name,
                                                  dtype=torch.float32)
     model.eval()
@@ -111,6 +124,7 @@ def gemma_reference(gemma_path: Path, gemma_tokenizer, corpus_lines: list[str]) 
                 tokens[i], margins[i], first[i] = t[k], m[k], f[k]
     del model
     gc.collect()
+    torch.set_num_threads(threads)
     n = len(prompts)
     return Reference(prompts, [tokens[i] for i in range(n)], [margins[i] for i in range(n)],
                      [first[i] for i in range(n)])
