@@ -102,18 +102,27 @@ def test_every_strategy_equals_transformers(
 SAMPLED = dict(max_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=7, block_size=8, min_block_size=8)
 
 
+def _first(prompts_file: Path, n: int, folder: Path) -> Path:
+    """The first `n` prompts (the short ones) as a file of their own."""
+    path = folder / f"first-{n}.jsonl"
+    path.write_text("".join(prompts_file.read_text(encoding="utf-8").splitlines(keepends=True)[:n]),
+                    encoding="utf-8")
+    return path
+
+
 def test_a_seed_gives_the_same_text_under_every_strategy_and_worker_count(
     prompts_file: Path, tmp_path: Path
 ) -> None:
     texts = {}
+    source = _first(prompts_file, 16, tmp_path)
     for name, options in {"1-worker": dict(workers=1), **STRATEGIES}.items():
         if name in ("3-stages", "2-replicas-x-2-stages"):
             continue  # covered by the greedy runs; keeps the test short
         out = tmp_path / name
-        distinfer.run(model="gemma3-270m", input=str(prompts_file), output=str(out), **SAMPLED, **options)
+        distinfer.run(model="gemma3-270m", input=str(source), output=str(out), **SAMPLED, **options)
         texts[name] = ds.dataset(str(out)).to_table().sort_by("row").column("completion").to_pylist()
     first = texts["1-worker"]
-    assert len(set(first)) > 10  # real, varied samples
+    assert len(set(first)) > 8  # real, varied samples
     for name, got in texts.items():
         assert got == first, f"{name} sampled other text than one worker"
 
@@ -138,9 +147,12 @@ def test_a_worker_or_stage_killed_mid_job_changes_nothing(
     options: dict[str, Any] = dict(workers=2, threads_per_worker=1)
     if strategy == "pipeline":
         options = dict(workers=1, strategy="pipeline", stages=2, threads_per_worker=1)
-    report = distinfer.run(model="gemma3-270m", input=str(prompts_file), output=str(out),
-                           max_tokens=NEW_TOKENS, block_size=6, min_block_size=6, **options)
+    source = _first(prompts_file, 12, tmp_path)  # the short prompts: a quick job, several blocks
+    report = distinfer.run(model="gemma3-270m", input=str(source), output=str(out),
+                           max_tokens=NEW_TOKENS, block_size=3, min_block_size=3, **options)
     thread.join(timeout=5)
     assert killed, "the test did not get to kill a process"
     assert report.restarts >= 1
-    compare(_ids(out), gemma_reference, f"{strategy} with a process killed")
+    first_12 = Reference(gemma_reference.prompts[:12], gemma_reference.tokens[:12], gemma_reference.margins[:12],
+                         gemma_reference.first_logits[:12])
+    compare(_ids(out), first_12, f"{strategy} with a process killed")

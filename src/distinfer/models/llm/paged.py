@@ -48,10 +48,10 @@ class KindMeta:
 
     window: int  # 0: global
     write: torch.Tensor  # [T] flat cache slot of each new token
-    # decodes (one new token each), attended in one batched call
-    dec_tokens: torch.Tensor  # [B] their token indices in the step
-    dec_slots: torch.Tensor  # [B, L] flat slots of the keys each attends to (padded)
-    dec_mask: torch.Tensor  # [B, 1, 1, L] True where a key is attended
+    # decodes (one new token each), in groups of similar context length, one batched call
+    # each: (their token indices in the step [B], flat slots of the keys each attends to,
+    # padded [B, L], True where a key is attended [B, 1, 1, L])
+    decodes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     # prefill chunks, one call each: (first token index, tokens, slots [Lk], mask [n, Lk])
     chunks: list[tuple[int, int, torch.Tensor, torch.Tensor]]
 
@@ -108,18 +108,35 @@ def build_meta(chunks: list[SeqChunk], windows: set[int], ring: int) -> StepMeta
                 if window:
                     mask &= kpos[None, :] > qpos[:, None] - window
                 prefill.append((first, n, keys, mask))
-        longest = max((len(k) for k in dec_keys), default=0)
-        slots = torch.zeros((len(dec_keys), longest), dtype=torch.long)
-        mask = torch.zeros((len(dec_keys), 1, 1, longest), dtype=torch.bool)
-        for i, keys in enumerate(dec_keys):
-            slots[i, : len(keys)] = keys
-            mask[i, 0, 0, : len(keys)] = True
         kinds[window] = KindMeta(window, torch.cat(write) if write else torch.zeros(0, dtype=torch.long),
-                                 torch.tensor(dec_tokens, dtype=torch.long), slots, mask, prefill)
+                                 _decode_groups(dec_tokens, dec_keys), prefill)
     last = [first + len(c.tokens) - 1 for c, first in zip(chunks, firsts, strict=True) if c.logits]
     return StepMeta(torch.tensor(tokens, dtype=torch.long),
                     torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
                     kinds, torch.tensor(last, dtype=torch.long), len(chunks))
+
+
+def _decode_groups(tokens: list[int], keys: list[torch.Tensor]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Decodes grouped by context length (a group's longest at most twice its shortest, plus
+    a page), so a long sequence does not pad every short one to its length."""
+    order = sorted(range(len(keys)), key=lambda i: len(keys[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(keys[i]) <= 2 * len(keys[groups[-1][0]]) + PAGE:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = []
+    for group in groups:
+        longest = len(keys[group[-1]])
+        slots = torch.zeros((len(group), longest), dtype=torch.long)
+        mask = torch.zeros((len(group), 1, 1, longest), dtype=torch.bool)
+        for row, i in enumerate(group):
+            slots[row, : len(keys[i])] = keys[i]
+            mask[row, 0, 0, : len(keys[i])] = True
+        out.append((torch.tensor([tokens[i] for i in group], dtype=torch.long), slots, mask))
+    return out
 
 
 class PagedKV:
@@ -135,13 +152,13 @@ class PagedKV:
         self.k.index_copy_(0, meta.write, k)
         self.v.index_copy_(0, meta.write, v)
         out = torch.empty_like(q)
-        if len(meta.dec_tokens):
-            qd = q.index_select(0, meta.dec_tokens)[:, :, None, :]  # [B, H, 1, d]
-            kd = self.k[meta.dec_slots].transpose(1, 2)  # [B, kvh, L, d]
-            vd = self.v[meta.dec_slots].transpose(1, 2)
+        for tokens, slots, mask in meta.decodes:
+            qd = q.index_select(0, tokens)[:, :, None, :]  # [B, H, 1, d]
+            kd = self.k[slots].transpose(1, 2)  # [B, kvh, L, d]
+            vd = self.v[slots].transpose(1, 2)
             o = torch.nn.functional.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=meta.dec_mask, scale=scale, enable_gqa=True)
-            out.index_copy_(0, meta.dec_tokens, o[:, :, 0, :])
+                qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+            out.index_copy_(0, tokens, o[:, :, 0, :])
         for first, n, slots, mask in meta.chunks:
             qc = q[first : first + n].transpose(0, 1)[None]  # [1, H, n, d]
             kc = self.k[slots].transpose(0, 1)[None]  # [1, kvh, Lk, d]
