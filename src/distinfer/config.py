@@ -77,6 +77,8 @@ class RunConfig:
             "prefetch": self.prefetch,
             "threads_per_worker": self.threads_per_worker or 1,
             "min_block_size": self.min_block_size or 1,
+            "max_tokens": self.max_tokens,
+            "max_running": self.max_running,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -120,10 +122,6 @@ class RunConfig:
     def _check_generation(self) -> None:
         if self.task not in (None, "generate"):
             raise ConfigError(f"--task must be generate (or left out), got {self.task!r}")
-        for name in ("max_tokens", "max_running"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p)

@@ -185,8 +185,7 @@ class Engine:
             if self.running:  # alone in the cache and still too long for it: it ends here
                 seq = self.running[0]
                 seq.finish = "length"
-                tail = seq.decoder.flush() if seq.decoder else ""
-                seq.text += tail
+                tail = self._flush(seq)
                 self._retire(seq)
                 return [TokenEvent(seq.request.id, -1, tail, "length")]
             if self.waiting:
@@ -317,8 +316,7 @@ class Engine:
         r = seq.request
         if token in self.eos_ids and not r.ignore_eos:
             seq.finish = "stop"
-            piece = seq.decoder.flush() if seq.decoder else ""
-            seq.text += piece
+            piece = self._flush(seq)
             self._retire(seq)
             return TokenEvent(r.id, token, piece, "stop")
         seq.out.append(token)
@@ -337,12 +335,16 @@ class Engine:
                 seq.finish = "stop"
         if seq.finish is None and (len(seq.out) >= r.max_tokens or seq.length >= self.context):
             seq.finish = "length"
-            tail = seq.decoder.flush() if seq.decoder else ""
-            seq.text += tail
-            piece += tail
+            piece += self._flush(seq)
         if seq.finish is not None:
             self._retire(seq)
         return TokenEvent(r.id, token, piece, seq.finish)
+
+    def _flush(self, seq: Sequence) -> str:
+        """The text the decoder still held, now added to the sequence's text."""
+        tail = seq.decoder.flush() if seq.decoder else ""
+        seq.text += tail
+        return tail
 
     def _retire(self, seq: Sequence) -> None:
         if seq in self.running:
