@@ -43,45 +43,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------------------------------------
-# ADJUST HERE: how the figures are read from distinfer's `_report.json` for `--task generate`.
-# The report's generation keys are not final; these are guesses. Anything not found is None
-# (shown as "-"), so a wrong guess shows up as a blank column, not as a crash.
-# As of the work-in-progress report.py: report["generation"] has generated_tokens_per_s and
-# prompt_tokens_per_s (both over wall_s - startup_s, so the prompt rate is not a prefill rate
-# like the peers'), time_to_first_token_s (from the job's start); per-process peak memory only
-# for pipeline stages / tensor ranks (worker_stats[i]["group"]["peak_rss"]), so data-parallel
-# rows fall back to the largest process of the job (os.wait4 on the CLI).
-# ---------------------------------------------------------------------------------------------
-
 
 def distinfer_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """Generated tokens/s, prompt tokens/s, time to first token, per-process peak memory."""
+    """Generated tokens/s, prompt tokens/s, time to first token and per-process peak memory,
+    from a `--task generate` job's `_report.json`. The report's rates are over the job's time
+    after start-up (so its prompt rate is not a prefill rate like the peers'); its time to the
+    first token is from the job's start. Peak memory per process comes from the pipeline
+    stages' or tensor ranks' figures (`worker_stats[i].group.peak_rss`); a data-parallel run
+    has none there and shows the largest process of the job (os.wait4 on the CLI) instead."""
     gen = report.get("generation") or {}
-
-    def first(*values: Any) -> Any:
-        return next((v for v in values if v is not None), None)
-
-    peaks = gen.get("peak_rss")
-    if peaks is None:  # the report's workers (a pipeline's stages or tensor ranks: one each)
-        peaks = []
-        for w in report.get("worker_stats", []):
-            group = w.get("group") or {}
-            peaks.extend(group.get("peak_rss") or ([w["peak_rss"]] if w.get("peak_rss") else []))
-    generated = first(gen.get("generated_tokens"), report.get("generated_tokens"))
-    wall = report.get("wall_s")
+    groups = [w.get("group") or {} for w in report.get("worker_stats", [])]
+    peaks = [p for g in groups for p in g.get("peak_rss") or []]
     return {
-        "gen_tok_s": first(
-            gen.get("generated_tokens_per_s"),
-            gen.get("tokens_per_s"),
-            generated / wall if generated and wall else None,
-        ),
-        "decode_tok_s": first(gen.get("decode_tokens_per_s"), gen.get("steady_generated_tokens_per_s")),
-        "prompt_tok_s": first(gen.get("prompt_tokens_per_s"), gen.get("prefill_tokens_per_s")),
-        "ttft_s": first(gen.get("time_to_first_token_s"), gen.get("ttft_s"), report.get("first_token_s")),
+        "gen_tok_s": gen.get("generated_tokens_per_s"),
+        "decode_tok_s": None,  # the job's figure includes every prefill
+        "prompt_tok_s": gen.get("prompt_tokens_per_s"),
+        "ttft_s": gen.get("time_to_first_token_s"),
         "peak_rss": peaks or None,
-        "generated_tokens": generated,
-        "prompt_tokens": first(gen.get("prompt_tokens"), report.get("prompt_tokens")),
+        "generated_tokens": gen.get("generated_tokens"),
+        "prompt_tokens": gen.get("prompt_tokens"),
     }
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
@@ -18,7 +19,7 @@ import distinfer
 from distinfer.errors import ModelError, ModelInputError
 from distinfer.messages import GenerationOptions
 from distinfer.models.llm.engine import Request
-from distinfer.models.llm.runner import LlmModel, LocalExecutor
+from distinfer.models.llm.runner import GenerationRunner, LlmModel, LocalExecutor
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,6 +65,36 @@ def test_tiny_models_in_one_process_equal_transformers(tiny: Any) -> None:
     engine = model.engine(LocalExecutor(model))
     done = engine.run_all(Request(i, tuple(p), NEW) for i, p in enumerate(prompts))
     _compare([done[i].out for i in range(len(prompts))], tokens, margins)
+
+
+def test_the_next_block_joins_the_engine_while_one_still_runs(tiny: Any) -> None:
+    """Continuous batching across blocks: block 1's prompts take block 0's places as they
+    free up, so both together take fewer engine steps than one after the other, and every
+    row still equals transformers."""
+    folder, _, tokens, margins = tiny
+    lengths = [4, NEW, 8, 16, NEW, 4, 12, NEW]
+    model = LlmModel(folder, GenerationOptions(max_tokens=NEW, max_running=4))
+    inputs = {"prompt": np.array(PROMPTS, dtype=object), "max_tokens": np.array(lengths)}
+
+    def blocks(overlap: bool) -> tuple[dict[int, list[list[int]]], int]:
+        runner = GenerationRunner(model, LocalExecutor)
+        rows = runner.prepare(inputs, 0).batches[0]
+        ended = []
+        runner.open(0, rows[:4])
+        while not (runner.room if overlap else not runner.busy):
+            ended += runner.advance()
+        assert not ended or not overlap, "block 0 is still running when block 1 joins"
+        runner.open(1, rows[4:])
+        while runner.busy:
+            ended += runner.advance()
+        done = {k: [list(x) for x in out["completion_ids"]] for k, out, _ in ended}
+        return done, sum(stats.steps for _, _, stats in ended)
+
+    together, steps_together = blocks(overlap=True)
+    apart, steps_apart = blocks(overlap=False)
+    assert together == apart
+    _compare(together[0] + together[1], [t[:n] for t, n in zip(tokens, lengths, strict=True)], margins)
+    assert steps_together < steps_apart
 
 
 @pytest.mark.parametrize("options", [

@@ -3,7 +3,9 @@
 Each worker has its own duplex pipe; the driver waits on all pipes and all process
 sentinels at once, so a worker killed mid-job (even mid-message) is noticed at once and
 only its own pipe is lost. A worker drains its pipe before each block, so a `Cancel`
-for a queued block lands before the block starts.
+for a queued block lands before the block starts. A generation worker drains it between
+engine steps, and starts its next queued block as soon as its engine has room, while the
+current one still runs (continuous batching across blocks).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..logs import log_to_stderr
 from ..messages import (
@@ -33,6 +35,9 @@ from ..messages import (
     WorkerSpec,
 )
 from .base import Backend
+
+if TYPE_CHECKING:
+    from ..worker.replica import Replica
 
 __all__ = ["LocalBackend"]
 
@@ -61,10 +66,11 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
     queue: deque[RunBlock] = deque()
     while True:
         waited = 0.0
-        while not queue or conn.poll():
+        # wait for a message only when there is nothing to run
+        while not (queue or replica.busy) or conn.poll():
             t = time.perf_counter()
             message = conn.recv()
-            waited += time.perf_counter() - t if not queue else 0.0
+            waited += time.perf_counter() - t if not (queue or replica.busy) else 0.0
             if isinstance(message, StopWorker):
                 return
             if isinstance(message, InferBatch):  # serving: answered at once, never queued
@@ -73,12 +79,35 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
                 queue.append(message)
             elif isinstance(message, Cancel):
                 queue = deque(m for m in queue if m.block.id != message.block)
+        if replica.streams:
+            _stream(worker, replica, queue, conn, waited)
+            continue
         block = queue.popleft().block
         conn.send(BlockStarted(worker, block.id))
         try:
             conn.send(replica.run(block, waited))
         except Exception as exc:
             conn.send(BlockFailed(worker, block.id, error_info(exc)))
+
+
+def _stream(worker: int, replica: Replica, queue: deque[RunBlock], conn: Connection, waited: float) -> None:
+    """A generation replica: start queued blocks while its engine has room, then one step."""
+    from ..worker.replica import GenerationFailed, error_info
+
+    while queue and (replica.room or not replica.busy):
+        block = queue.popleft().block
+        conn.send(BlockStarted(worker, block.id))
+        try:
+            replica.open(block, waited)
+        except Exception as exc:
+            conn.send(BlockFailed(worker, block.id, error_info(exc)))
+        waited = 0.0
+    try:
+        for done in replica.advance():
+            conn.send(done)
+    except GenerationFailed as exc:
+        for key in exc.blocks:
+            conn.send(BlockFailed(worker, key, exc.error))
 
 
 class LocalBackend(Backend):

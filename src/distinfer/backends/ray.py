@@ -143,9 +143,12 @@ class RayBackend(Backend):
                     "check --address (auto, ray://host:10001) and that 'ray start' ran on the head"
                 ) from None
         remote = ray.remote(concurrency_groups={"control": 1})(_with_control_group(ReplicaActor))
+        # A generation replica runs its next block alongside the current one (two calls on two
+        # threads share its engine, worker/replica.py), so a finished sequence's place is taken
+        # by the next block's prompt at once.
         self._actor_class = remote.options(
             num_cpus=options.cpus, num_gpus=options.gpus, resources=options.resources or None,
-            max_restarts=0, max_task_retries=0,
+            max_restarts=0, max_task_retries=0, max_concurrency=2 if spec.model.generation else 1,
         )
         self._actors: dict[int, Any] = {}
         self._refs: dict[Any, tuple[int, str]] = {}  # in-flight call -> (worker, what)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -20,12 +22,20 @@ from ..data.blocks import Block
 from ..data.sink import write_part
 from ..data.sources import SourceSpec, read_block
 from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError, RowsError
-from ..messages import BatchDone, BatchFailed, BlockDone, InferBatch, WorkerReady, WorkerSpec
+from ..messages import (
+    BatchDone,
+    BatchFailed,
+    BlockDone,
+    GenerationStats,
+    InferBatch,
+    WorkerReady,
+    WorkerSpec,
+)
 from ..models.base import Column, Runner, StageTimer, TensorInfo, run_block
 from ..models.families import load_runner
 from .process import limit_threads
 
-__all__ = ["Replica", "error_info", "limit_threads"]
+__all__ = ["GenerationFailed", "Replica", "error_info", "limit_threads"]
 
 
 def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
@@ -48,6 +58,10 @@ class Replica:
         self.outputs: tuple[TensorInfo, ...] = ()
         if spec.serving:
             self._warm_up()
+        self.streams = spec.model.generation is not None and spec.source is not None
+        self._open: dict[int, tuple[Block, StageTimer]] = {}
+        self._finished: dict[int, BlockDone | ErrorInfo] = {}
+        self._lock = threading.Lock()
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at
 
@@ -95,20 +109,21 @@ class Replica:
         return outputs
 
     def run(self, block: Block, waited_s: float = 0.0) -> BlockDone:
+        """One block, read, run and written. A generation replica may be given the next block
+        on another thread while one runs (a Ray actor's second call): both share its engine."""
+        if self.streams:
+            return self._run_shared(block, waited_s)
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
         assert self.spec.source is not None, "a serving replica runs no blocks"
         inputs = read_inputs(self.spec.source, block, self.binding)
         t = timer.add("read", t)
-        try:
+        with rows_named(self.spec.source, block):
             outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)
-        except RowsError as exc:  # the input's absolute rows, named once
-            at_fault = [block.start + r for r in exc.rows] or range(block.start, block.stop)
-            where = describe_rows(self.spec.source, at_fault)
-            raise exc.with_message(f"{where}: {exc.error.message}") from None
-        except ModelInputError as exc:  # about the block's column as a whole
-            where = describe_rows(self.spec.source, range(block.start, block.stop))
-            raise ModelInputError(f"{where}: {exc}") from None
+        return self._commit(block, outputs, timer, self.runner.generation_stats())
+
+    def _commit(self, block: Block, outputs: Mapping[str, np.ndarray], timer: StageTimer,
+                generation: GenerationStats | None) -> BlockDone:
         t = time.perf_counter()
         rows = np.arange(block.start, block.stop, dtype=np.int64)
         _check_rows(outputs, block.rows)
@@ -116,8 +131,97 @@ class Replica:
         timer.add("write", t)
         return BlockDone(
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
-            self.runner.group_stats(), self.runner.generation_stats(),
+            self.runner.group_stats(), generation,
         )
+
+    # --- generation: blocks overlap in one engine ----------------------------------------
+
+    @property
+    def room(self) -> bool:
+        """A generation replica can start another block now (see `GenerationRunner.room`)."""
+        return self.streams and self.runner.room  # type: ignore[attr-defined]
+
+    @property
+    def busy(self) -> bool:
+        return self.streams and self.runner.busy  # type: ignore[attr-defined]
+
+    def open(self, block: Block, waited_s: float = 0.0) -> None:
+        """Read and prepare a block and add its prompts to the engine; a bad row raises here."""
+        assert self.spec.source is not None, "a serving replica runs no blocks"
+        timer = StageTimer({"idle": waited_s})
+        t = time.perf_counter()
+        inputs = read_inputs(self.spec.source, block, self.binding)
+        t = timer.add("read", t)
+        with rows_named(self.spec.source, block):
+            try:
+                prepared = self.runner.prepare(inputs, self.spec.batch_size)
+            except ModelInputError as exc:
+                if exc.row is None:
+                    raise
+                raise RowsError.caught(exc).with_message(str(exc), (exc.row,)) from exc
+        timer.add("preprocess", t)
+        self.runner.open(block.id, prepared.batches[0])  # type: ignore[attr-defined]
+        self._open[block.id] = (block, timer)
+
+    def advance(self) -> list[BlockDone]:
+        """One engine step; the blocks it finished, committed. An error in the step fails every
+        open block: `GenerationFailed` names them."""
+        try:
+            ended = self.runner.advance()  # type: ignore[attr-defined]
+        except Exception as exc:
+            keys = self.runner.abandon()  # type: ignore[attr-defined]
+            self._open.clear()
+            raise GenerationFailed(keys, error_info(exc)) from exc
+        done = []
+        for key, outputs, stats in ended:
+            block, timer = self._open.pop(key)
+            timer.seconds["model"] = stats.model_s
+            done.append(self._commit(block, outputs, timer, stats))
+        return done
+
+    def _run_shared(self, block: Block, waited_s: float) -> BlockDone:
+        """`run` for a generation replica, safe to call from several threads: each caller
+        steps the shared engine in turn until its own block is done."""
+        opened = False
+        while True:
+            with self._lock:
+                if not opened and (self.room or not self.busy):
+                    self.open(block, waited_s)
+                    opened = True
+                try:
+                    for done in self.advance():
+                        self._finished[done.block] = done
+                except GenerationFailed as exc:
+                    for key in exc.blocks:
+                        self._finished[key] = exc.error
+                result = self._finished.pop(block.id, None)
+            if isinstance(result, BlockDone):
+                return result
+            if result is not None:
+                raise RowsError(result)  # the step's error, its kind kept
+
+
+class GenerationFailed(Exception):
+    """A generation step failed: every block open in the engine failed with it."""
+
+    def __init__(self, blocks: list[int], error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.blocks = blocks
+        self.error = error
+
+
+@contextmanager
+def rows_named(source: SourceSpec, block: Block) -> Iterator[None]:
+    """Errors about rows (or the block's column) re-raised naming the input's absolute rows."""
+    try:
+        yield
+    except RowsError as exc:  # the input's absolute rows, named once
+        at_fault = [block.start + r for r in exc.rows] or range(block.start, block.stop)
+        where = describe_rows(source, at_fault)
+        raise exc.with_message(f"{where}: {exc.error.message}") from None
+    except ModelInputError as exc:  # about the block's column as a whole
+        where = describe_rows(source, range(block.start, block.stop))
+        raise ModelInputError(f"{where}: {exc}") from None
 
 
 def describe_rows(source: SourceSpec, rows: Sequence[int]) -> str:

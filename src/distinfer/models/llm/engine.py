@@ -147,7 +147,8 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request) -> Sequence:
+        """Queue a request; its sequence (which fills in as it runs) is returned."""
         if not request.prompt:
             raise ValueError("a request needs at least one prompt token")
         if len(request.prompt) >= self.context:
@@ -158,7 +159,9 @@ class Engine:
                              "(raise --kv-cache-memory)")
         if self._started is None:
             self._started = time.perf_counter()
-        self.waiting.append(Sequence(request, self.decoder() if self.decoder else None))
+        seq = Sequence(request, self.decoder() if self.decoder else None)
+        self.waiting.append(seq)
+        return seq
 
     def cancel(self, request_id: int) -> None:
         """End a request at the next step (a client that went away); its pages are freed."""
@@ -195,11 +198,7 @@ class Engine:
 
     def run_all(self, requests: Iterable[Request]) -> dict[int, Sequence]:
         """Generate for every request; the finished sequences by request id."""
-        sequences: dict[int, Sequence] = {}
-        for r in requests:
-            self.add(r)
-        for seq in self.waiting:
-            sequences[seq.request.id] = seq
+        sequences = {r.id: self.add(r) for r in requests}
         while self.busy:
             self.step()
         return sequences

@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from ...messages import GenerationOptions, GenerationStats, GroupStats, TensorIn
 from ..base import Batches, Column, Runner
 from .config import LlmConfig, read_config
 from .engine import Engine, EngineStats, Executor, Request
+from .engine import Sequence as Seq
 from .model import AllReduce, DecoderPart
 from .paged import PAGE, SeqChunk, build_meta, ring_pages
 from .sampling import CANDIDATES, SamplingParams, choose, top_candidates
@@ -240,8 +241,23 @@ class PromptPreparer:
         return ids
 
 
+@dataclass(slots=True)
+class _Open:
+    """A block in the engine: its rows, their sequences, and how many are still running."""
+
+    rows: list[_Row]
+    seqs: list[Seq]
+    opened: float
+    left: int
+
+
 class GenerationRunner(Runner):
-    """A batch job's replica: each block's rows through one engine (continuous batching)."""
+    """A batch job's replica: every block's rows through one engine (continuous batching).
+
+    Blocks overlap: `open` adds a block's prompts to the engine and `advance` runs one step,
+    returning the blocks whose every sequence has ended. A worker opens the next block as soon
+    as `room` says the engine has started all it holds, so a finished sequence's place is taken
+    by the next block's prompt at the next step, not after the block's last sequence ends."""
 
     pads_batches = False
 
@@ -256,6 +272,11 @@ class GenerationRunner(Runner):
         self.engine = model.engine(self.executor)
         self._group_stats = stats
         self.last: GenerationStats | None = None
+        self._open: dict[int, _Open] = {}
+        self._owner: dict[int, int] = {}  # request id -> block key
+        self._next_id = 0
+        self._seen = EngineStats()  # the engine's figures when the last block ended
+        self._last_end: float | None = None
 
     def bind(self, columns: Sequence[str], column: str | None) -> dict[str, str]:
         if column is not None:
@@ -280,26 +301,84 @@ class GenerationRunner(Runner):
     def prepare(self, inputs: Mapping[str, Column], batch_size: int) -> Batches:
         return self.preparer.prepare(inputs, batch_size)
 
-    def forward(self, batch: Any) -> dict[str, np.ndarray]:
-        rows: list[_Row] = batch
-        self.engine.stats = EngineStats()
-        started = time.perf_counter()
-        done = self.engine.run_all(r.request for r in rows)
-        st = self.engine.stats
-        plan = self.model.cache_plan()
-        c = self.model.config
-        self.last = GenerationStats(
-            st.prompt_tokens, st.generated_tokens, st.steps, st.running_sum, st.preemptions, st.peak_pages,
-            plan.pages, plan.bytes(c, range(c.layers), 2 if self.options.dtype == "bfloat16" else 4),
-            st.first_token_s, time.perf_counter() - started)
-        seqs = [done[r.request.id] for r in rows]
-        return {
+    # --- overlapping blocks ---------------------------------------------------------------
+
+    @property
+    def room(self) -> bool:
+        """Whether another block may join: the engine has started every sequence it holds."""
+        return not self.engine.waiting
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._open)
+
+    def open(self, key: int, rows: list[_Row]) -> None:
+        """Add a block's prepared rows (`prepare`'s one batch) to the engine."""
+        if key in self._open:
+            raise ValueError(f"block {key} is open already")
+        seqs = []
+        for r in rows:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            seqs.append(self.engine.add(replace(r.request, id=rid)))
+            self._owner[rid] = key
+        now = time.perf_counter()
+        if not self._open:
+            self._last_end = now  # the engine was idle until now
+        self._open[key] = _Open(rows, seqs, now, len(rows))
+
+    def advance(self) -> list[tuple[int, dict[str, np.ndarray], GenerationStats]]:
+        """One engine step; the blocks it ended, with their outputs and figures."""
+        if self.engine.busy:
+            for event in self.engine.step():
+                if event.finish is not None:
+                    self._open[self._owner.pop(event.id)].left -= 1
+        ended = [k for k, o in self._open.items() if o.left == 0]
+        return [(k, *self._close(k)) for k in ended]
+
+    def abandon(self) -> list[int]:
+        """Drop every open block (after an error in a step); their keys. The engine starts
+        afresh."""
+        keys = list(self._open)
+        self._open.clear()
+        self._owner.clear()
+        self.engine = self.model.engine(self.executor)
+        return keys
+
+    def _close(self, key: int) -> tuple[dict[str, np.ndarray], GenerationStats]:
+        block = self._open.pop(key)
+        now = time.perf_counter()
+        st, seen = self.engine.stats, self._seen
+        self._seen = replace(st)
+        firsts = [s.first_token_at for s in block.seqs if s.first_token_at is not None]
+        plan, c = self.model.cache_plan(), self.model.config
+        stats = GenerationStats(
+            st.prompt_tokens - seen.prompt_tokens, st.generated_tokens - seen.generated_tokens,
+            st.steps - seen.steps, st.running_sum - seen.running_sum, st.preemptions - seen.preemptions,
+            st.peak_pages, plan.pages,
+            plan.bytes(c, range(c.layers), 2 if self.options.dtype == "bfloat16" else 4),
+            min(firsts) - block.opened if firsts else None, now - (self._last_end or block.opened))
+        self._last_end = now
+        seqs, rows = block.seqs, block.rows
+        outputs = {
             "completion": np.array([s.text for s in seqs], dtype=object),
             "prompt_tokens": np.array([len(r.prompt) for r in rows], dtype=np.int64),
             "completion_tokens": np.array([len(s.out) for s in seqs], dtype=np.int64),
             "completion_ids": _ragged([s.out for s in seqs]),
             "finish_reason": np.array([s.finish or "length" for s in seqs], dtype=object),
         }
+        return outputs, stats
+
+    # --- one block at a time (run_block) ----------------------------------------------------
+
+    def forward(self, batch: Any) -> dict[str, np.ndarray]:
+        assert not self._open, "forward runs one block alone"
+        key = -1  # never a block id
+        self.open(key, batch)
+        while True:
+            for k, outputs, stats in self.advance():
+                if k == key:
+                    self.last = stats
+                    return outputs
 
     def generation_stats(self) -> GenerationStats | None:
         return self.last
