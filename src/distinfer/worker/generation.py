@@ -29,9 +29,9 @@ from ..messages import GroupStats, WorkerSpec
 from ..models.base import Runner
 from ..models.families.llm import LlmFamily
 from ..models.llm.paged import SeqChunk, build_meta
-from ..models.llm.runner import GenerationRunner, LlmModel, LocalExecutor, choose_all
-from ..models.llm.sampling import SamplingParams, merge_candidates
-from ..models.llm.staged import LlmStaged, candidates_for, step_item, upper_half
+from ..models.llm.runner import GenerationRunner, LlmModel, LocalExecutor, choose_all, sample_tokens
+from ..models.llm.sampling import SamplingParams, candidates_for, merge_candidates
+from ..models.llm.staged import LlmStaged, step_item, upper_half
 from .process import host_label, peak_rss
 from .stage_links import DEFAULT_SLOT_BYTES, MemberFigures, StageFailed, StageLost, start_links
 
@@ -87,9 +87,7 @@ class PipelineExecutor:
         self._busy += time.perf_counter() - t
         self._steps += 1
         if self.links is None:
-            from ..models.llm.runner import sample_tokens
-
-            self._local.append(sample_tokens(self.head.logits(x), sampling) if sampling else [])
+            self._local.append(sample_tokens(self.head, x, sampling) if sampling else [])
             return
         t = time.perf_counter()
         self._sampling.append(sampling)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LlmConfig
+from .head import ScreenedHead
 from .paged import PagedKV, StepMeta
 from .weights import WeightStore
 
@@ -176,6 +177,8 @@ class DecoderPart:
             else:
                 table = "embed" if config.tied_embeddings else "head"
                 self.head = store.rows(table, lo, hi).to(dtype).contiguous()
+        # a float32 head is screened at bfloat16 speed, its results still float32's (head.py)
+        self.screen = ScreenedHead(self.head) if self.head is not None and dtype == torch.float32 else None
         self.layers = [_Layer(config, i, store.part(f"layer.{i}"), rank, world, dtype)
                        for i in range(start, stop)]
         self.windows = {layer.window for layer in self.layers}
@@ -195,8 +198,7 @@ class DecoderPart:
         """The KV cache of this part's layers: `pages` pages for global layers, `ring_pool`
         pages for sliding-window ones."""
         for layer in self.layers:
-            layer.kv = PagedKV(ring_pool if layer.window else pages, layer.kv_heads,
-                               self.config.head_dim, self.dtype)
+            layer.kv = PagedKV(ring_pool if layer.window else pages, layer.kv_heads, self.config.head_dim)
 
     def cache_bytes(self) -> int:
         return sum(layer.kv.k.numel() * 2 * layer.kv.k.element_size() for layer in self.layers if layer.kv)
@@ -247,4 +249,9 @@ class DecoderPart:
         from .sampling import top_candidates
 
         assert self.head_rows is not None
-        return top_candidates(self.logits(h), k, self.head_rows[0])
+        if self.screen is not None:
+            return self.screen.candidates(h, k, self.head_rows[0])
+        assert self.head is not None
+        scores = F.linear(h.to(self.dtype), self.head)  # ranked in its own dtype: no 262k-wide copy
+        values, ids = top_candidates(scores, k, self.head_rows[0])
+        return values.float(), ids

@@ -21,9 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KindMeta", "PagedKV", "SeqChunk", "StepMeta", "build_meta", "ring_pages"]
+__all__ = ["KV_DTYPE", "KV_ITEMSIZE", "KindMeta", "PagedKV", "SeqChunk", "StepMeta", "build_meta",
+           "ring_pages"]
 
 PAGE = 16  # tokens per page
+# Keys and values are kept in float32 whatever the weights' dtype: attention is a small part
+# of the work, and float32 keys need no conversion before it (nor lose any precision).
+KV_DTYPE = torch.float32
+KV_ITEMSIZE = 4
 
 
 def ring_pages(window: int, chunk: int, page: int = PAGE) -> int:
@@ -142,25 +147,30 @@ def _decode_groups(tokens: list[int], keys: list[torch.Tensor]
 class PagedKV:
     """Keys and values of one layer: [pages * PAGE, kv_heads, head_dim] each."""
 
-    def __init__(self, pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.k = torch.zeros((pages * PAGE, kv_heads, head_dim), dtype=dtype)
+    def __init__(self, pages: int, kv_heads: int, head_dim: int) -> None:
+        self.k = torch.zeros((pages * PAGE, kv_heads, head_dim), dtype=KV_DTYPE)
         self.v = torch.zeros_like(self.k)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: KindMeta,
                scale: float) -> torch.Tensor:
         """Write the step's new keys/values, then attend: q [T, H, d] -> [T, H * d]."""
-        self.k.index_copy_(0, meta.write, k)
-        self.v.index_copy_(0, meta.write, v)
+        self.k.index_copy_(0, meta.write, k.to(KV_DTYPE))
+        self.v.index_copy_(0, meta.write, v.to(KV_DTYPE))
         out = torch.empty_like(q)
+        heads, kv_heads, d = q.shape[1], self.k.shape[1], q.shape[2]
         for tokens, slots, mask in meta.decodes:
-            qd = q.index_select(0, tokens)[:, :, None, :]  # [B, H, 1, d]
+            # one query token per sequence: two batched matrix products in float32, each KV
+            # head's queries together (faster here than scaled_dot_product_attention's kernels)
+            b = len(tokens)
+            qd = q.index_select(0, tokens).to(KV_DTYPE).view(b, kv_heads, heads // kv_heads, d)
             kd = self.k[slots].transpose(1, 2)  # [B, kvh, L, d]
             vd = self.v[slots].transpose(1, 2)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
-            out.index_copy_(0, tokens, o[:, :, 0, :])
+            scores = torch.matmul(qd, kd.transpose(-1, -2)).mul_(scale)  # [B, kvh, g, L]
+            scores.masked_fill_(~mask, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [B, kvh, g, d]
+            out.index_copy_(0, tokens, o.reshape(b, heads, d).to(out.dtype))
         for first, n, slots, mask in meta.chunks:
-            qc = q[first : first + n].transpose(0, 1)[None]  # [1, H, n, d]
+            qc = q[first : first + n].to(KV_DTYPE).transpose(0, 1)[None]  # [1, H, n, d]
             kc = self.k[slots].transpose(0, 1)[None]  # [1, kvh, Lk, d]
             vc = self.v[slots].transpose(0, 1)[None]
             o = torch.nn.functional.scaled_dot_product_attention(

@@ -31,8 +31,8 @@ from .config import LlmConfig, read_config
 from .engine import Engine, EngineStats, Executor, Request
 from .engine import Sequence as Seq
 from .model import AllReduce, DecoderPart
-from .paged import PAGE, SeqChunk, build_meta, ring_pages
-from .sampling import CANDIDATES, SamplingParams, choose, top_candidates
+from .paged import KV_ITEMSIZE, PAGE, SeqChunk, build_meta, ring_pages
+from .sampling import SamplingParams, candidates_for, choose
 from .tokenizer import IncrementalDecoder, LlmTokenizer, load_tokenizer
 from .weights import WeightStore
 
@@ -53,8 +53,8 @@ class CachePlan:
     ring: int
     ring_pool: int
 
-    def bytes(self, config: LlmConfig, layers: range, itemsize: int) -> int:
-        per_page = 2 * PAGE * config.kv_dim * itemsize
+    def bytes(self, config: LlmConfig, layers: range) -> int:
+        per_page = 2 * PAGE * config.kv_dim * KV_ITEMSIZE
         return sum((self.ring_pool if config.windows[i] else self.pages) * per_page for i in layers)
 
 
@@ -94,8 +94,7 @@ class LlmModel:
     def cache_plan(self) -> CachePlan:
         """The replica's KV budget (all layers) as pages; see `CachePlan`."""
         c, o = self.config, self.options
-        itemsize = 2 if self.options.dtype == "bfloat16" else 4
-        page_of = 2 * PAGE * c.kv_dim * itemsize  # one layer's page
+        page_of = 2 * PAGE * c.kv_dim * KV_ITEMSIZE  # one layer's page
         n_global = sum(1 for w in c.windows if not w)
         n_sliding = c.layers - n_global
         window = max(c.windows)
@@ -144,11 +143,10 @@ class LlmModel:
                       o.max_running, o.step_tokens, lambda: IncrementalDecoder(tok))
 
 
-def sample_tokens(logits: torch.Tensor, sampling: list[tuple[SamplingParams, int]]) -> list[int]:
-    """One token per row of `logits` (the full vocabulary's scores)."""
-    if all(p.greedy for p, _ in sampling):
-        return [int(t) for t in torch.argmax(logits, dim=-1)]
-    values, ids = top_candidates(logits, CANDIDATES)
+def sample_tokens(part: DecoderPart, h: torch.Tensor,
+                  sampling: list[tuple[SamplingParams, int]]) -> list[int]:
+    """One token per row of `h` (the last part's hidden states) from the part's candidates."""
+    values, ids = part.candidates(h, candidates_for(sampling))
     return choose_all(values.numpy(), ids.numpy(), sampling)
 
 
@@ -170,7 +168,7 @@ class LocalExecutor:
     def submit(self, chunks: list[SeqChunk], sampling: list[tuple[SamplingParams, int]]) -> None:
         meta = build_meta(chunks, self.part.windows, self.ring)
         h = self.part.forward(meta, None)
-        self._done.append(sample_tokens(self.part.logits(h), sampling) if sampling else [])
+        self._done.append(sample_tokens(self.part, h, sampling) if sampling else [])
 
     def collect(self) -> list[int]:
         return self._done.popleft()
@@ -355,7 +353,7 @@ class GenerationRunner(Runner):
             st.prompt_tokens - seen.prompt_tokens, st.generated_tokens - seen.generated_tokens,
             st.steps - seen.steps, st.running_sum - seen.running_sum, st.preemptions - seen.preemptions,
             st.peak_pages, plan.pages,
-            plan.bytes(c, range(c.layers), 2 if self.options.dtype == "bfloat16" else 4),
+            plan.bytes(c, range(c.layers)),
             min(firsts) - block.opened if firsts else None, now - (self._last_end or block.opened))
         self._last_end = now
         seqs, rows = block.seqs, block.rows

@@ -22,7 +22,8 @@ import torch
 
 from ...messages import SAMPLING_CANDIDATES, sampling_problem
 
-__all__ = ["CANDIDATES", "SamplingParams", "choose", "merge_candidates", "top_candidates", "uniform"]
+__all__ = ["CANDIDATES", "SamplingParams", "candidates_for", "choose", "merge_candidates", "order_candidates",
+           "top_candidates", "uniform"]
 
 CANDIDATES = SAMPLING_CANDIDATES  # tokens per sequence that sampling considers
 
@@ -44,11 +45,16 @@ class SamplingParams:
         return sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
+def candidates_for(sampling: list[tuple[SamplingParams, int]]) -> int:
+    """How many candidates a step needs: one when every sequence is greedy."""
+    return 1 if all(p.greedy for p, _ in sampling) else CANDIDATES
+
+
 def top_candidates(logits: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The `k` best (score, token id) of each row, best first; ids shifted by `offset` (a
     rank's first vocabulary id). Equal scores are ordered by id, for the same order anywhere."""
     values, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
-    return _ordered(values, ids + offset)
+    return order_candidates(values, ids + offset)
 
 
 def merge_candidates(
@@ -57,11 +63,12 @@ def merge_candidates(
     """The `k` best of several ranks' candidates (each row's union)."""
     values = torch.cat([v for v, _ in parts], dim=-1)
     ids = torch.cat([i for _, i in parts], dim=-1)
-    values, ids = _ordered(values, ids)
+    values, ids = order_candidates(values, ids)
     return values[:, :k], ids[:, :k]
 
 
-def _ordered(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def order_candidates(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (score, id) pairs by score, best first, then by id."""
     by_id = torch.argsort(ids, dim=-1, stable=True)
     values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
     by_value = torch.argsort(values, dim=-1, descending=True, stable=True)

@@ -18,14 +18,14 @@ import numpy as np
 
 from ..staged import Preparer, Stage, StagedModel
 from .paged import build_meta
-from .sampling import CANDIDATES
+from .sampling import candidates_for
 
 if TYPE_CHECKING:
     from ...planning.cuts import LayerCost
     from .model import DecoderPart
     from .runner import LlmModel
 
-__all__ = ["LlmStage", "LlmStaged", "candidates_for", "step_item", "upper_half"]
+__all__ = ["LlmStage", "LlmStaged", "step_item", "upper_half"]
 
 
 def step_item(chunks: Any, sampling: Any, x: Any) -> dict[str, Any]:
@@ -49,11 +49,6 @@ class LlmStage:
             return {"h": h}
         values, ids = self.part.candidates(h, candidates_for(sampling))
         return {"h": h, "values": values, "ids": ids}
-
-
-def candidates_for(sampling: list[tuple[Any, int]]) -> int:
-    """How many candidates a step needs: one when every sequence is greedy."""
-    return 1 if all(p.greedy for p, _ in sampling) else CANDIDATES
 
 
 def upper_half(vocab: int) -> tuple[int, int]:
