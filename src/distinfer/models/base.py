@@ -128,6 +128,17 @@ class Runner(ABC):
         return None
 
 
+def prepare_block(runner: Runner, inputs: Mapping[str, Column], batch_size: int) -> Batches:
+    """`runner.prepare`, with a preparer's `ModelInputError.row` raised as a `RowsError` of
+    that block row."""
+    try:
+        return runner.prepare(inputs, batch_size)
+    except ModelInputError as exc:
+        if exc.row is None:
+            raise
+        raise RowsError.caught(exc).with_message(str(exc), (exc.row,)) from exc
+
+
 def run_block(
     runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer
 ) -> dict[str, np.ndarray]:
@@ -137,12 +148,7 @@ def run_block(
     a preparer's `ModelInputError.row` names, or those of the micro-batch a forward failed on
     (the one row, when the forward's error names it)."""
     t = time.perf_counter()
-    try:
-        prepared = runner.prepare(inputs, batch_size)
-    except ModelInputError as exc:
-        if exc.row is None:
-            raise
-        raise RowsError.caught(exc).with_message(str(exc), (exc.row,)) from exc
+    prepared = prepare_block(runner, inputs, batch_size)
     t = timer.add("preprocess", t)
     try:
         pieces = runner.forward_many(prepared.batches)

@@ -31,7 +31,7 @@ from ..messages import (
     WorkerReady,
     WorkerSpec,
 )
-from ..models.base import Column, Runner, StageTimer, TensorInfo, run_block
+from ..models.base import Column, Runner, StageTimer, TensorInfo, prepare_block, run_block
 from ..models.families import load_runner
 from .process import limit_threads
 
@@ -153,12 +153,7 @@ class Replica:
         inputs = read_inputs(self.spec.source, block, self.binding)
         t = timer.add("read", t)
         with rows_named(self.spec.source, block):
-            try:
-                prepared = self.runner.prepare(inputs, self.spec.batch_size)
-            except ModelInputError as exc:
-                if exc.row is None:
-                    raise
-                raise RowsError.caught(exc).with_message(str(exc), (exc.row,)) from exc
+            prepared = prepare_block(self.runner, inputs, self.spec.batch_size)
         timer.add("preprocess", t)
         self.runner.open(block.id, prepared.batches[0])  # type: ignore[attr-defined]
         self._open[block.id] = (block, timer)

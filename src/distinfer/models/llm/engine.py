@@ -107,7 +107,6 @@ class EngineStats:
     preemptions: int = 0
     running_sum: int = 0  # sequences per step, summed (mean running batch = / steps)
     peak_pages: int = 0
-    first_token_s: float | None = None  # from the first request to the first token
 
 
 class _Pool:
@@ -143,7 +142,6 @@ class Engine:
         self.running: list[Sequence] = []
         self.in_flight: deque[list[tuple[Sequence, int]]] = deque()
         self.stats = EngineStats()
-        self._started: float | None = None
 
     # --- requests ----------------------------------------------------------------------
 
@@ -157,8 +155,6 @@ class Engine:
         if need > self.pool.size:
             raise ValueError(f"the prompt needs {need} KV pages; the cache holds {self.pool.size} "
                              "(raise --kv-cache-memory)")
-        if self._started is None:
-            self._started = time.perf_counter()
         seq = Sequence(request, self.decoder() if self.decoder else None)
         self.waiting.append(seq)
         return seq
@@ -306,8 +302,6 @@ class Engine:
             self.stats.generated_tokens += 1
             if seq.first_token_at is None:
                 seq.first_token_at = now
-                if self.stats.first_token_s is None and self._started is not None:
-                    self.stats.first_token_s = now - self._started
             events.append(self._append(seq, token))
         return events
 
