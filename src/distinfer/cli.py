@@ -43,6 +43,7 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
     _layout_args(p)
+    _generation_args(p, job=True)
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds; a replacement worker still loading after this long is stopped and replaced (default 600)")
     p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
     p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
@@ -65,16 +66,22 @@ def _layout_args(p: Any) -> None:
     p.add_argument("--stages", type=int, help="pipeline: stages per worker (default 2, or the fewest that fit --worker-memory)")
     p.add_argument("--cuts", type=_cuts, help="pipeline: explicit cut points, the first layer of stages 2.. (e.g. 4,9); see 'distinfer plan'")
     p.add_argument("--worker-memory", help="memory limit per worker process, e.g. 3GiB: pipeline stages are cut to fit it, and a model larger than it is refused for --strategy data")
+
+
+def _generation_args(p: Any, job: bool) -> None:
+    """Text-generation options: the engine's (shared by 'run' and 'serve') and, for a job,
+    its sampling defaults (a server takes those from each request)."""
     g = p.add_argument_group("text generation (gemma3-270m, .gguf files, Hugging Face model directories)")
-    g.add_argument("--task", choices=["generate"], help="generate: prompts in (column 'prompt', or 'messages' for a chat), completions out; the default for generation models")
-    g.add_argument("--max-tokens", type=int, help="new tokens per row at most (default 128; a 'max_tokens' column overrides it per row)")
-    g.add_argument("--temperature", type=float, help="0 = greedy (default); higher samples more freely (a 'temperature' column overrides it)")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this much probability (default 1)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens, at most 64 (default 0: all 64 candidates)")
-    g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one (default 0)")
-    g.add_argument("--seed", type=int, help="sampling seed; row r uses seed + r unless a 'seed' column gives it, so a row's text does not depend on the worker or the strategy (default 0)")
-    g.add_argument("--stop", action="append", help="a string that ends a completion, cut from its text (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token up to --max-tokens (for benchmarks)")
+    if job:
+        g.add_argument("--task", choices=["generate"], help="generate: prompts in (column 'prompt', or 'messages' for a chat), completions out; the default for generation models")
+        g.add_argument("--max-tokens", type=int, help="new tokens per row at most (default 128; a 'max_tokens' column overrides it per row)")
+        g.add_argument("--temperature", type=float, help="0 = greedy (default); higher samples more freely (a 'temperature' column overrides it)")
+        g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this much probability (default 1)")
+        g.add_argument("--top-k", type=int, help="sample from the k most likely tokens, at most 64 (default 0: all 64 candidates)")
+        g.add_argument("--min-p", type=float, help="drop tokens less likely than this times the most likely one (default 0)")
+        g.add_argument("--seed", type=int, help="sampling seed; row r uses seed + r unless a 'seed' column gives it, so a row's text does not depend on the worker or the strategy (default 0)")
+        g.add_argument("--stop", action="append", help="a string that ends a completion, cut from its text (repeatable)")
+        g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token up to --max-tokens (for benchmarks)")
     g.add_argument("--max-running", type=int, help="sequences a replica advances together, continuous batching (default 32)")
     g.add_argument("--kv-cache-memory", help="KV cache of one replica, all its stages or ranks together, e.g. 512MiB (default 1GiB); when full, sequences are preempted and recomputed later")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default float32; GGUF weights are dequantised to it)")
@@ -100,19 +107,23 @@ def _resource(text: str) -> tuple[str, float]:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model over HTTP (KServe v2 protocol) with dynamic batching over replicas",
+        help="serve a model over HTTP (KServe v2; OpenAI-compatible for text generation) over replicas",
         description=(
             "Serve MODEL at http://HOST:PORT with the KServe v2 / Open Inference Protocol "
             "(POST /v2/models/NAME/infer, JSON or binary tensors; POST /text for text models; "
             "GET /metrics). Concurrent requests are merged into batches of up to --max-batch-size "
             "rows, waiting at most --max-queue-delay-ms, and each batch goes to the least-loaded "
-            "ready replica. SIGTERM or Ctrl-C drains: readiness turns false, queued and running "
-            "requests finish, then the server exits 0."
+            "ready replica. A text-generation model (gemma3-270m, a .gguf file, a Hugging Face "
+            "directory) is served by the OpenAI routes instead: POST /v1/completions, "
+            "POST /v1/chat/completions (streamed with 'stream': true) and GET /v1/models; each "
+            "replica batches up to --max-running sequences continuously, and each new request goes "
+            "to the replica that will start it soonest. SIGTERM or Ctrl-C drains: readiness turns "
+            "false, queued and running requests finish, then the server exits 0."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", "-m", required=True, help="built-in model (minilm, decoder-SIZE) or an .onnx file")
+    p.add_argument("--model", "-m", required=True, help="built-in model (minilm, decoder-SIZE, gemma3-270m), an .onnx file, or a text-generation model: a .gguf file or a Hugging Face model directory")
     p.add_argument("--model-name", help="the model's name in URLs (default: minilm, decoder-SIZE, or the file's stem)")
     p.add_argument("--replicas", "--workers", "-w", dest="replicas", type=int, help="replicas (default 2): worker processes, or pipelines / tensor-parallel groups with --strategy pipeline/tensor")
     p.add_argument("--threads-per-replica", "--threads-per-worker", dest="threads_per_replica", type=int, help="threads per process (default: the cores divided among all processes)")
@@ -120,13 +131,14 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one, printed at start)")
     p.add_argument("--max-batch-size", type=int, help="rows merged into one model call (default 32)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for others to join its batch when a replica is free (default 10)")
-    p.add_argument("--max-queue", type=int, help="rows allowed to wait; requests beyond get 429 (default 512)")
-    p.add_argument("--timeout-ms", type=float, help="a request's deadline when it sets no 'timeout' parameter (default 1000): 429 at once if it cannot be met, 504 if it passes while queued")
+    p.add_argument("--max-queue", type=int, help="rows (generation: requests) allowed to wait; requests beyond get 429 (default 512)")
+    p.add_argument("--timeout-ms", type=float, help="a request's deadline when it sets no 'timeout' parameter (default 1000; generation: 10000, for the first token): 429 at once if it cannot be met, 504 if it passes while queued")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help="on SIGTERM, seconds queued and running requests may take before the server exits (default 30)")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 16 MiB)")
     p.add_argument("--max-restarts", type=int, help="replacement replicas over the server's life (default 10)")
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="exit with an error when no replica is warm after this many seconds; a replica still loading this long after its own start is stopped and replaced (default 600)")
     _layout_args(p)
+    _generation_args(p, job=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .models.family import ModelSpec
 
 __all__ = [
+    "KV_PAGE_TOKENS",
     "SAMPLING_CANDIDATES",
     "Action",
     "Assign",
@@ -50,18 +51,22 @@ __all__ = [
     "Device",
     "Event",
     "Finish",
+    "Generate",
     "GenerationOptions",
     "GenerationStats",
     "GroupStats",
     "InferBatch",
     "Order",
+    "Piece",
     "RunBlock",
     "StartWorker",
+    "StopSequence",
     "StopWorker",
     "Strategy",
     "TensorComm",
     "TensorInfo",
     "Tick",
+    "TokenPieces",
     "WorkerFailed",
     "WorkerLost",
     "WorkerMessage",
@@ -102,6 +107,9 @@ class GenerationOptions:
         """Why the sampling settings are out of range, naming the option; None when fine."""
         return sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p)
 
+
+#: tokens per page of a generation replica's KV cache (models/llm/paged.py)
+KV_PAGE_TOKENS = 16
 
 #: tokens per sequence that sampling considers (models/llm/sampling.py)
 SAMPLING_CANDIDATES = 64
@@ -196,6 +204,8 @@ class WorkerReady:
     inputs: tuple[TensorInfo, ...] = ()  # serving: what the model takes (from the warm-up)
     outputs: tuple[TensorInfo, ...] = ()  # serving: what it returned for the warm-up rows
     pads_batches: bool = True  # serving: the model pays for padding (`Runner.pads_batches`)
+    kv_pages: int = 0  # serving text generation: the KV cache's pages (0: not a generation replica)
+    max_running: int = 0  # serving text generation: sequences the replica advances together
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +276,34 @@ class BatchFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Piece:
+    """New text of one sequence: whole characters only (may be ""), the tokens it came from,
+    and on its last piece why it ended ("stop", "length", or "error" with `error`)."""
+
+    request: int
+    text: str
+    tokens: int
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPieces:
+    """Serving text generation: what a replica's engine made since its last report, and its
+    state now, which the server routes and admits by."""
+
+    worker: int
+    pieces: tuple[Piece, ...]
+    running: int  # sequences in the engine's running batch
+    waiting: int  # sequences given to it and not yet started
+    free_pages: int  # KV pages free
+    preemptions: int  # since the replica started
+    token_s: float  # measured seconds between two tokens of one sequence (decode)
+    prefill_token_s: float  # measured seconds of prefill per prompt token
+    busy_s: float = 0.0  # seconds spent in engine steps since the last report
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed; lets the scheduler notice timeouts when nothing else happens."""
 
@@ -273,6 +311,7 @@ class Tick:
 Event: TypeAlias = WorkerReady | BlockStarted | BlockDone | BlockFailed | WorkerLost | WorkerFailed | Tick
 WorkerMessage: TypeAlias = (
     WorkerReady | WorkerFailed | WorkerLost | BlockStarted | BlockDone | BlockFailed | BatchDone | BatchFailed
+    | TokenPieces
 )
 """What `Backend.receive` returns: what workers said, and the losses the backend saw."""
 
@@ -339,5 +378,28 @@ class InferBatch:
     inputs: dict[str, Any]  # model input -> a column (list of str or numpy array)
 
 
-Order: TypeAlias = RunBlock | Cancel | InferBatch
+@dataclass(frozen=True, slots=True)
+class Generate:
+    """Serving text generation: start this sequence; its text comes back in `TokenPieces`."""
+
+    request: int  # the server's id of the sequence (one per choice)
+    prompt: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopSequence:
+    """Serving text generation: end this sequence at the next step (its client went away)."""
+
+    request: int
+
+
+Order: TypeAlias = RunBlock | Cancel | InferBatch | Generate | StopSequence
 """What `Backend.send` delivers to a worker."""

@@ -202,6 +202,11 @@ def test_server_metrics_parse_as_valid_exposition_format() -> None:
         "distinfer_requests", "distinfer_request_latency_seconds", "distinfer_queue_time_seconds",
         "distinfer_batch_size", "distinfer_shed_requests", "distinfer_replica_busy_seconds",
         "distinfer_replicas_ready", "distinfer_queue_rows",
+        # text generation
+        "distinfer_time_to_first_token_seconds", "distinfer_time_per_output_token_seconds",
+        "distinfer_e2e_request_latency_seconds", "distinfer_generation_tokens", "distinfer_prompt_tokens",
+        "distinfer_waiting_sequences", "distinfer_running_sequences", "distinfer_replica_waiting_sequences",
+        "distinfer_kv_cache_usage_ratio", "distinfer_preemptions",
     }
     assert families["distinfer_requests"].type == "counter"
     assert families["distinfer_request_latency_seconds"].type == "histogram"

@@ -25,9 +25,11 @@ from ..messages import (
     BlockFailed,
     BlockStarted,
     Cancel,
+    Generate,
     InferBatch,
     Order,
     RunBlock,
+    StopSequence,
     StopWorker,
     WorkerFailed,
     WorkerLost,
@@ -38,6 +40,7 @@ from .base import Backend
 
 if TYPE_CHECKING:
     from ..worker.replica import Replica
+    from ..worker.text_serving import TextServing
 
 __all__ = ["LocalBackend"]
 
@@ -63,6 +66,9 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
         conn.send(WorkerFailed(worker, error_info(exc)))
         return
     conn.send(replica.ready_message())
+    if replica.text is not None:
+        _serve_text(replica.text, conn)
+        return
     queue: deque[RunBlock] = deque()
     while True:
         waited = 0.0
@@ -108,6 +114,22 @@ def _stream(worker: int, replica: Replica, queue: deque[RunBlock], conn: Connect
     except GenerationFailed as exc:
         for key in exc.blocks:
             conn.send(BlockFailed(worker, key, exc.error))
+
+
+def _serve_text(text: TextServing, conn: Connection) -> None:
+    """A replica serving text generation: take the server's orders between engine steps and
+    send each step's report (new text, the replica's state) as soon as it is made."""
+    conn.send(text.step())  # the warm-up's measured rates, before any request
+    while True:
+        while not text.busy or conn.poll():
+            message = conn.recv()
+            if isinstance(message, StopWorker):
+                return
+            if isinstance(message, Generate):
+                text.generate(message)
+            elif isinstance(message, StopSequence):
+                text.stop(message.request)
+        conn.send(text.step())
 
 
 class LocalBackend(Backend):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -29,9 +30,11 @@ from ..data.blocks import Block
 from ..errors import ConfigError
 from ..messages import (
     BlockFailed,
+    Generate,
     InferBatch,
     Order,
     RunBlock,
+    StopSequence,
     WorkerFailed,
     WorkerLost,
     WorkerMessage,
@@ -83,6 +86,9 @@ class ReplicaActor:
         self.replica: Any = None
         self.cancelled: set[int] = set()
         self.last_end = 0.0
+        # serving text generation: orders in, reports out, an engine thread in between
+        self._orders: queue.SimpleQueue[Generate | StopSequence] = queue.SimpleQueue()
+        self._reports: queue.SimpleQueue[WorkerMessage] = queue.SimpleQueue()
 
     def ready(self) -> WorkerMessage:
         import ray
@@ -101,7 +107,45 @@ class ReplicaActor:
         if members:  # stage 0 / rank 0 is this actor
             members = (f"{socket.gethostname()} pid {os.getpid()} node {node}", *members[1:])
         ready: WorkerReady = self.replica.ready_message()
+        if self.replica.text is not None:
+            threading.Thread(target=self._engine_loop, name="distinfer-engine", daemon=True).start()
         return replace(ready, host=here, members=members)
+
+    def generate(self, order: Generate | StopSequence) -> None:
+        self._orders.put(order)
+
+    def pieces(self) -> list[WorkerMessage]:
+        """The engine's reports since the last call, waiting up to a second for the first."""
+        try:
+            got = [self._reports.get(timeout=1.0)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                got.append(self._reports.get_nowait())
+            except queue.Empty:
+                return got
+
+    def _engine_loop(self) -> None:
+        """Serving text generation: orders applied between engine steps, a report per step."""
+        text = self.replica.text
+        self._reports.put(text.step())
+        while True:
+            try:
+                order = self._orders.get_nowait() if text.busy else self._orders.get(timeout=0.5)
+            except queue.Empty:
+                order = None
+            while order is not None:
+                if isinstance(order, Generate):
+                    text.generate(order)
+                else:
+                    text.stop(order.request)
+                try:
+                    order = self._orders.get_nowait()
+                except queue.Empty:
+                    order = None
+            if text.busy:
+                self._reports.put(text.step())
 
     def cancel(self, block_id: int) -> None:
         self.cancelled.add(block_id)
@@ -143,12 +187,9 @@ class RayBackend(Backend):
                     "check --address (auto, ray://host:10001) and that 'ray start' ran on the head"
                 ) from None
         remote = ray.remote(concurrency_groups={"control": 1})(_with_control_group(ReplicaActor))
-        # A generation replica runs its next block alongside the current one (two calls on two
-        # threads share its engine, worker/replica.py), so a finished sequence's place is taken
-        # by the next block's prompt at once.
         self._actor_class = remote.options(
             num_cpus=options.cpus, num_gpus=options.gpus, resources=options.resources or None,
-            max_restarts=0, max_task_retries=0, max_concurrency=2 if spec.model.generation else 1,
+            max_restarts=0, max_task_retries=0, max_concurrency=_concurrency(spec),
         )
         self._actors: dict[int, Any] = {}
         self._refs: dict[Any, tuple[int, str]] = {}  # in-flight call -> (worker, what)
@@ -173,6 +214,8 @@ class RayBackend(Backend):
             ref = actor.run.remote(message.block)
             with self._lock:
                 self._refs[ref] = (worker, "run")
+        elif isinstance(message, Generate | StopSequence):
+            actor.generate.remote(message)  # its reports come back through `pieces`
         else:
             actor.cancel.remote(message.block)
 
@@ -205,9 +248,19 @@ class RayBackend(Backend):
                 continue
             if isinstance(message, WorkerReady):
                 self._ready.add(worker)
-            if message is not None:
+                if message.kv_pages:  # serving text generation: poll its reports from now on
+                    self._poll(worker)
+            if _what == "pieces":
+                out.extend(message)
+                self._poll(worker)
+            elif message is not None:
                 out.append(message)
         return out
+
+    def _poll(self, worker: int) -> None:
+        ref = self._actors[worker].pieces.remote()
+        with self._lock:
+            self._refs[ref] = (worker, "pieces")
 
     def _forget(self, worker: int) -> None:
         self._actors.pop(worker, None)
@@ -242,6 +295,15 @@ class RayBackend(Backend):
             self.stop(worker)
         if self._owns_ray:
             self.ray.shutdown()
+
+
+def _concurrency(spec: WorkerSpec) -> int:
+    """Calls an actor runs at once: 1; a generation replica's next block beside the current
+    one (two threads share its engine, worker/replica.py), so a finished sequence's place is
+    taken by the next block's prompt at once; a text server's report poll beside its orders."""
+    if spec.model.generation is None:
+        return 1
+    return 4 if spec.serving else 2
 
 
 def _with_control_group(cls: type) -> type:

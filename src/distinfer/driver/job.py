@@ -232,7 +232,7 @@ class _Job:
             self.stats[item.worker].not_ready = f"could not start: {item.error.message}"
         elif isinstance(item, WorkerLost):
             self.stats[item.worker].lost = item.reason
-        elif isinstance(item, msg.BatchDone | msg.BatchFailed):
+        elif isinstance(item, msg.BatchDone | msg.BatchFailed | msg.TokenPieces):
             return None
         return item
 

@@ -25,7 +25,7 @@ class ServeConfig:
     max_batch_size: int = 32  # rows merged into one model call
     max_queue_delay_ms: float = 10.0  # how long the oldest request waits for more to join it
     max_queue: int = 512  # rows waiting; more are refused with 429
-    timeout_ms: float = 1000.0  # a request's deadline when it names none
+    timeout_ms: float | None = None  # a request's deadline when it names none (see `deadline_s`)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long queued and running requests may take
     max_body_bytes: int = 16 * 2**20  # larger request bodies get 413
     max_restarts: int = 10  # replacement replicas over the server's life
@@ -42,11 +42,15 @@ class ServeConfig:
     tensor_parallel: int | None = None
     tensor_comm: TensorComm = "auto"
     worker_memory: str | None = None
+    # text generation (gemma3-270m, .gguf files, Hugging Face directories): the OpenAI routes
+    max_running: int = 32  # sequences each replica advances together
+    kv_cache_memory: str = "1GiB"  # each replica's KV cache
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("missing --model; see 'distinfer serve --help'")
-        for name in ("max_batch_size", "max_queue", "max_body_bytes"):
+        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_running"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
@@ -55,7 +59,7 @@ class ServeConfig:
         for name in ("max_queue_delay_ms", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.timeout_ms <= 0:
+        if self.timeout_ms is not None and self.timeout_ms <= 0:
             raise ConfigError(f"--timeout-ms must be > 0, got {self.timeout_ms}")
         if self.model_name is not None and not _NAME.fullmatch(self.model_name):
             raise ConfigError(f"--model-name {self.model_name!r}: use letters, digits, '.', '_' and '-'")
@@ -70,8 +74,19 @@ class ServeConfig:
             worker_gpus=self.worker_gpus, worker_resources=self.worker_resources, device=self.device,
             strategy=self.strategy, stages=self.stages, cuts=self.cuts, tensor_parallel=self.tensor_parallel,
             tensor_comm=self.tensor_comm, worker_memory=self.worker_memory, max_restarts=self.max_restarts,
-            start_timeout_s=self.start_timeout_s,
+            start_timeout_s=self.start_timeout_s, max_running=self.max_running,
+            kv_cache_memory=self.kv_cache_memory, dtype=self.dtype,
         )
+
+    @property
+    def deadline_s(self) -> float:
+        """A KServe request's deadline for its answer, or a generated stream's for its first
+        token, when the request names none: --timeout-ms, else 1 s (KServe) or 10 s (generation)."""
+        if self.timeout_ms is not None:
+            return self.timeout_ms / 1e3
+        from ..models.families import parse_model
+
+        return 10.0 if parse_model(self.model).family.generates else 1.0
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 from ..backends import make_backend
+from ..driver.job import with_task
 from ..driver.layout import plan_layout
 from ..errors import ConfigError, DistinferError
 from ..logs import log
 from ..messages import WorkerSpec
 from ..models.families import parse_model
 from .config import ServeConfig, served_name
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .generation import GenerationServer
+    from .metrics import ServerMetrics
 
 __all__ = ["serve"]
 
@@ -26,7 +34,7 @@ def serve(config: ServeConfig) -> int:
 def worker_spec(config: ServeConfig) -> WorkerSpec:
     """The replicas' spec: the batch engine's, with no input source and a warm-up."""
     run = config.run_config()
-    model = parse_model(config.model)
+    model = with_task(parse_model(config.model), run)
     problem = model.family.serving_problem(model, run.strategy)
     if problem is not None:
         raise ConfigError(problem)
@@ -43,15 +51,22 @@ async def _serve(config: ServeConfig) -> int:
     from aiohttp import web
 
     from .app import make_app
+    from .generation import GenerationServer
     from .metrics import ServerMetrics
     from .server import InferenceServer
 
     spec = worker_spec(config)
     name = config.model_name or served_name(spec.model)
     metrics = ServerMetrics()
-    server = InferenceServer(config, make_backend(config.run_config(), spec), metrics, name, spec.model.kind)
-    runner = web.AppRunner(make_app(server, metrics, config.max_body_bytes), handler_cancellation=True,
-                           access_log=None, handle_signals=False)
+    backend = make_backend(config.run_config(), spec)
+    if spec.model.generation is not None:
+        server: InferenceServer = GenerationServer(config, backend, metrics, name, spec.model.kind)
+    else:
+        server = InferenceServer(config, backend, metrics, name, spec.model.kind)
+    app = make_app(server, metrics, config.max_body_bytes)
+    if isinstance(server, GenerationServer):
+        _add_generation_routes(app, server, metrics, spec)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
@@ -61,8 +76,9 @@ async def _serve(config: ServeConfig) -> int:
             raise DistinferError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; "
                                  "pick another --port or stop what uses it") from None
         host, port = runner.addresses[0][:2]
-        log.info("serving '%s' on http://%s:%s (%d replicas warming up; ready at /v2/health/ready)",
-                 name, host, port, config.replicas)
+        routes = "/v1/completions, /v1/chat/completions" if isinstance(server, GenerationServer) else "/v2"
+        log.info("serving '%s' on http://%s:%s (%s; %d replicas warming up; ready at /v2/health/ready)",
+                 name, host, port, routes, config.replicas)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,3 +99,17 @@ async def _serve(config: ServeConfig) -> int:
     finally:
         await runner.cleanup()
         server.close()
+
+
+def _add_generation_routes(app: web.Application, server: GenerationServer, metrics: ServerMetrics,
+                           spec: WorkerSpec) -> None:
+    """The OpenAI routes, with the model's tokenizer here (prompts and chats are encoded by the
+    server; the replicas decode)."""
+    from ..models.families.llm import model_path
+    from ..models.llm.config import read_config
+    from ..models.llm.tokenizer import load_tokenizer
+    from .openai_routes import add_openai_routes
+
+    path = model_path(spec.model)
+    config = read_config(path)
+    add_openai_routes(app, server, metrics, load_tokenizer(path), config.context, config.vocab)

@@ -27,6 +27,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "QUEUE_TIME_BUCKETS",
     "SHED_REASONS",
+    "TOKEN_TIME_BUCKETS",
     "Counter",
     "Gauge",
     "Histogram",
@@ -43,7 +44,11 @@ QUEUE_TIME_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SHED_REASONS: tuple[str, ...] = ("queue_full", "deadline", "draining", "timeout", "disconnected")
+TOKEN_TIME_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)
+SHED_REASONS: tuple[str, ...] = ("queue_full", "deadline", "draining", "timeout", "disconnected",
+                                 "replica_lost")
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -306,6 +311,31 @@ class ServerMetrics:
         )
         self.replicas_ready = r.gauge("distinfer_replicas_ready", "Replicas ready to take batches.")
         self.queue_depth = r.gauge("distinfer_queue_rows", "Rows waiting in the queue.")
+        # text generation (the OpenAI routes)
+        self.ttft = r.histogram("distinfer_time_to_first_token_seconds",
+                                "Time from receiving a generation request to its first token.",
+                                LATENCY_BUCKETS, ("model",))
+        self.tpot = r.histogram("distinfer_time_per_output_token_seconds",
+                                "A finished sequence's mean time between two of its tokens.",
+                                TOKEN_TIME_BUCKETS, ("model",))
+        self.e2e = r.histogram("distinfer_e2e_request_latency_seconds",
+                               "Time from receiving a generation request to its last token.",
+                               LATENCY_BUCKETS, ("model",))
+        self.generated_tokens = r.counter("distinfer_generation_tokens_total", "Tokens generated.",
+                                          ("model",))
+        self.prompt_tokens = r.counter("distinfer_prompt_tokens_total", "Prompt tokens prefilled.",
+                                       ("model",))
+        self.waiting = r.gauge("distinfer_waiting_sequences", "Sequences waiting in the server's queue.")
+        self.running = r.gauge("distinfer_running_sequences", "Sequences in each replica's running batch.",
+                               ("replica",))
+        self.replica_waiting = r.gauge("distinfer_replica_waiting_sequences",
+                                       "Sequences handed to each replica and not yet started there.",
+                                       ("replica",))
+        self.kv_use = r.gauge("distinfer_kv_cache_usage_ratio",
+                              "Share of each replica's KV cache pages in use.", ("replica",))
+        self.preemptions = r.counter("distinfer_preemptions_total",
+                                     "Sequences preempted (pages freed, recomputed later), by replica.",
+                                     ("replica",))
 
     def render(self) -> str:
         return self.registry.render()

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from ..backends.base import Backend
-from ..messages import InferBatch, StartWorker, StopWorker, WorkerMessage
+from ..messages import Order, StartWorker, StopWorker, WorkerMessage
 
 __all__ = ["ReplicaPool"]
 
@@ -50,7 +50,7 @@ class ReplicaPool:
         more messages come from it."""
         self._orders.put(StopWorker(worker))
 
-    def send(self, worker: int, message: InferBatch) -> None:
+    def send(self, worker: int, message: Order) -> None:
         self.backend.send(worker, message)
 
     def _receive_loop(self) -> None:

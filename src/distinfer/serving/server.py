@@ -65,7 +65,7 @@ class InferenceServer:
         self.queue = RequestQueue(config.max_batch_size, config.max_queue)
         self.pool = ReplicaPool(backend, self.loop, self._on_items)
         # The supervisor's live replicas (warming up or ready), in start order.
-        self.replicas: dict[int, _Replica] = {w: _Replica(w) for w in range(config.replicas)}
+        self.replicas: dict[int, _Replica] = {w: self._new_replica(w) for w in range(config.replicas)}
         self.supervisor = Supervisor(
             self.replicas, SupervisorConfig(config.max_restarts, config.start_timeout_s), self.loop.time()
         )
@@ -80,7 +80,11 @@ class InferenceServer:
         self._next_batch = 0
         self._wake = asyncio.Event()
         self._delay_s = config.max_queue_delay_ms / 1e3
+        self.deadline_s = config.deadline_s
         self._task: asyncio.Task[None] | None = None
+
+    def _new_replica(self, worker: int) -> _Replica:
+        return _Replica(worker)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -135,7 +139,7 @@ class InferenceServer:
         if not self.is_ready():
             raise self.not_ready()
         now = self.loop.time()
-        timeout = timeout_s if timeout_s is not None else self.config.timeout_ms / 1e3
+        timeout = timeout_s if timeout_s is not None else self.deadline_s
         pending = Pending(inputs, rows, now, now + timeout, self.loop.create_future(), signature(inputs),
                           row_size(inputs))
         free_at, rate = self._capacity()
@@ -273,8 +277,13 @@ class InferenceServer:
                 self._unusable(item)
             elif isinstance(item, msg.WorkerLost):
                 self._gone(item)
+            elif isinstance(item, msg.TokenPieces):
+                self._pieces(item)
         self.metrics.replicas_ready.set(self.ready_count())
         self._wake.set()
+
+    def _pieces(self, item: msg.TokenPieces) -> None:
+        """A text-generation replica's report (serving/generation.py)."""
 
     def _take_batch(self, worker: int, batch_id: int) -> tuple[list[Pending], float]:
         """The batch's requests and the seconds the replica spent on it: from its sending,
@@ -361,7 +370,7 @@ class InferenceServer:
             elif isinstance(outcome, Retired):
                 self._retired(outcome)
             elif isinstance(outcome, msg.StartWorker):
-                self.replicas[outcome.worker] = _Replica(outcome.worker)
+                self.replicas[outcome.worker] = self._new_replica(outcome.worker)
                 self.pool.replace(outcome.worker)
             elif isinstance(outcome, NotReady) and not self.draining and self.failed is None:
                 self._fail(self.pool.backend.unready_reason() or (

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,13 @@ from ..models.base import Column, Runner, StageTimer, TensorInfo, prepare_block,
 from ..models.families import load_runner
 from .process import limit_threads
 
+if TYPE_CHECKING:
+    from .text_serving import TextServing
+
 __all__ = ["GenerationFailed", "Replica", "error_info", "limit_threads"]
+
+
+_WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3
 
 
 def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
@@ -56,7 +63,10 @@ class Replica:
         self.binding = self.runner.bind(spec.source.columns, spec.column) if spec.source else {}
         self.inputs: tuple[TensorInfo, ...] = ()
         self.outputs: tuple[TensorInfo, ...] = ()
-        if spec.serving:
+        self.text: TextServing | None = None  # serving text generation
+        if spec.serving and spec.model.generation is not None:
+            self.text = self._serve_text()
+        elif spec.serving:
             self._warm_up()
         self.streams = spec.model.generation is not None and spec.source is not None
         self._open: dict[int, tuple[Block, StageTimer]] = {}
@@ -66,9 +76,24 @@ class Replica:
         self.load_s = self.ready_at - entered_at
 
     def ready_message(self) -> WorkerReady:
+        text = self.text
         return WorkerReady(self.worker, os.getpid(), socket.gethostname(), self.load_s,
                            getattr(self.runner, "hosts", ()), self.inputs, self.outputs,
-                           self.runner.pads_batches)
+                           self.runner.pads_batches, text.kv_pages if text else 0,
+                           text.max_running if text else 0)
+
+    def _serve_text(self) -> TextServing:
+        """Serving text generation: the engine warmed up (first-call costs paid, rates measured)."""
+        from ..models.llm.runner import GenerationRunner
+        from .text_serving import TextServing
+
+        runner = self.runner
+        assert isinstance(runner, GenerationRunner)
+        text = TextServing(self.worker, runner)
+        text.warm_up(tuple(runner.model.tokenizer.encode(_WARM_UP_TEXT)))
+        schema = self.spec.model.family.schema(self.spec.model)
+        self.inputs, self.outputs = schema.inputs or (), schema.outputs or ()
+        return text
 
     def _warm_up(self) -> None:
         """Run a few example rows twice (first-call costs paid before any request) and
@@ -92,6 +117,8 @@ class Replica:
         """Serving: one batch of rows now, outputs in row order (or the error, as data)."""
         start = time.perf_counter()
         try:
+            if self.text is not None:  # the server sends none (its routes refuse first)
+                raise ModelInputError("a text-generation model is served by /v1/completions")
             try:
                 outputs = self._infer(message.inputs)
             except RowsError as exc:  # rows of the batch (a lone request's, when the client hears it)

@@ -121,8 +121,7 @@ class LlmFamily(ModelFamily):
         return Schema((TensorInfo("prompt", "text", (-1,)),), outputs)
 
     def serving_problem(self, spec: ModelSpec, strategy: Strategy) -> str | None:
-        return ("generation models are served by the OpenAI-compatible routes, which come next; "
-                "use 'distinfer run'")
+        return None  # the OpenAI routes, for every strategy
 
 
 FAMILY = LlmFamily()

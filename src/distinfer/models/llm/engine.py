@@ -64,6 +64,7 @@ class Sequence:
     ring: list[int] = field(default_factory=list)
     in_flight: bool = False
     finish: str | None = None  # "stop" or "length"
+    started_at: float | None = None  # when it first joined the running batch
     first_token_at: float | None = None
 
     @property
@@ -264,6 +265,8 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            if seq.started_at is None:
+                seq.started_at = time.perf_counter()
             batch.append((seq, n))
             budget -= n
         return batch

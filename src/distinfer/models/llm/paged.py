@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ...messages import KV_PAGE_TOKENS
+
 __all__ = ["KV_DTYPE", "KV_ITEMSIZE", "KindMeta", "PagedKV", "SeqChunk", "StepMeta", "build_meta",
            "ring_pages"]
 
-PAGE = 16  # tokens per page
+PAGE = KV_PAGE_TOKENS  # tokens per page
 # Keys and values are kept in float32 whatever the weights' dtype: attention is a small part
 # of the work, and float32 keys need no conversion before it (nor lose any precision).
 KV_DTYPE = torch.float32
