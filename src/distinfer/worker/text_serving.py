@@ -32,6 +32,7 @@ class TextServing:
         self._last_token: dict[int, float] = {}
         self._told: dict[int, int] = {}  # tokens reported so far, per sequence
         self._pending: list[Piece] = []  # pieces not yet reported (a refused request's)
+        self._changed = False  # a sequence was stopped: the freed pages are worth a report
         self._stopped: set[int] = set()  # stopped before their start arrived (orders may cross)
         self.token_s = 0.0
         self.prefill_token_s = 0.0
@@ -43,7 +44,7 @@ class TextServing:
 
     @property
     def busy(self) -> bool:
-        return self.engine.busy or bool(self._pending)
+        return self.engine.busy or bool(self._pending) or self._changed
 
     @property
     def kv_pages(self) -> int:
@@ -79,12 +80,13 @@ class TextServing:
         if request in self._live:
             self.engine.cancel(request)
             self._forget(request)
+            self._changed = True
         elif len(self._stopped) < 10_000:
             self._stopped.add(request)
 
     def step(self) -> TokenPieces:
         """One engine step (when it has work); the report."""
-        pieces, self._pending = self._pending, []
+        pieces, self._pending, self._changed = self._pending, [], False
         if self.engine.busy:
             t = time.perf_counter()
             try:
