@@ -190,3 +190,70 @@ def test_sigterm_drains_streams_in_flight_and_exits_0(tmp_path: Path, gemma_path
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=20), st.lists(st.integers(-5, 300_000), max_size=4),
+                    st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5), st.integers()))
+_BODIES = st.fixed_dictionaries(
+    {"model": st.sampled_from([MODEL, "other", 3]), "max_tokens": st.one_of(st.integers(-2, 4), st.text(max_size=3))},
+    optional={k: _VALUES for k in ("prompt", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n",
+                                   "stream", "stream_options", "logprobs", "ignore_eos", "echo")},
+)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(body=_BODIES)
+def test_generated_bodies_never_give_500_nor_lose_a_replica(server: Server, body: dict) -> None:  # type: ignore[type-arg]
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    assert server.metric("distinfer_replicas_ready") == 1
+
+
+def _greedy(s: Server, prompt: str) -> str:
+    return s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("layout", [("--strategy", "pipeline", "--stages", "2"), ("--backend", "ray")],
+                         ids=["pipeline", "ray"])
+def test_other_layouts_serve_the_same_greedy_text(server: Server, tmp_path: Path, layout: tuple[str, ...]) -> None:
+    prompt = "The capital of France is"
+    expected = _greedy(server, prompt)
+    other = start_server(tmp_path, "--replicas", "1", "--max-running", "4", "--kv-cache-memory", "128MiB",
+                         "--threads-per-replica", "1", *layout)
+    try:
+        assert _greedy(other, prompt) == expected
+        joined = "".join(c.choices[0].text for c in other.client().completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True) if c.choices)
+        assert joined == expected
+    finally:
+        other.proc.send_signal(signal.SIGTERM)
+        assert other.proc.wait(timeout=120) == 0, other.log.read_text()
+
+
+def test_a_killed_replica_ends_its_stream_with_an_error_and_is_replaced(tmp_path: Path, gemma_path: Path) -> None:
+    s = start_server(tmp_path, "--replicas", "1", "--max-running", "4", "--kv-cache-memory", "128MiB")
+    try:
+        pid = int(re.findall(r"replica 0 ready \(pid (\d+)", s.log.read_text())[0])
+        stream = s.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=1000,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+        got = []
+        with pytest.raises(openai.APIError, match="lost after"):
+            for chunk in stream:
+                got.append(chunk.choices[0].text if chunk.choices else "")
+                if len(got) == 3:
+                    import os
+                    os.kill(pid, signal.SIGKILL)
+        assert len(got) >= 3  # tokens came, then the error event, never a silent cut
+        wait_for(lambda: requests.get(s.url + "/v2/health/ready", timeout=5).status_code == 200, 300,
+                 "the replacement replica")
+        assert _greedy(s, "Hello")
+        assert "replica lost" in s.log.read_text()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
