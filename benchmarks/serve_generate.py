@@ -52,6 +52,10 @@ its output tokens/s at that rate >= 0.8 x the offline tokens/s of the same layou
 rate it stays up, sheds with 429, answers no 5xx, completes what it admits, and its memory
 stays flat (after <= 1.1 x before).
 
+Run it on an otherwise idle machine: each probe accounts the CPU time of the server and of
+this client, and flags the probe when other processes kept more than 0.25 cores busy
+(ggml's spinning threads in particular slow down many times over when a core is taken).
+
 With the defaults the whole run takes about 20-25 minutes (three servers searched, an
 offline job per layout, one overload probe):
 
@@ -91,6 +95,7 @@ BUILD = HERE / "peers" / "build_llama_server.sh"
 HOST = "127.0.0.1"  # loopback only, for the servers and the generator
 MODEL = "gemma3-270m"
 MAX_TOKENS = (16, 32, 64, 128)
+OTHER_CORES_WARN = 0.25  # other processes busier than this during a probe: its figures are suspect
 SERVER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 # Outcomes of one request
@@ -233,6 +238,8 @@ class Probe:
     client_cpu_s: float
     lag_p99_s: float | None
     short: int = 0  # completed with fewer tokens than max_tokens (ignore_eos not honoured)
+    server_cpu_s: float | None = None  # the server and its children
+    other_cores: float | None = None  # mean cores busy outside the server and this client
     passed: bool = False
 
     @property
@@ -262,11 +269,13 @@ class Probe:
         bad = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if k != OK)
         if self.short:
             bad += f"{', ' if bad else ''}{self.short} short"
+        busy = self.other_cores or 0.0
+        noisy = f", OTHER PROCESSES BUSY {busy:.1f} cores" if busy > OTHER_CORES_WARN else ""
         return (
             f"{self.rate:6.2f} req/s: {self.ok}/{self.sent} ok{f' ({bad})' if bad else ''}, "
             f"TTFT p50/p99 {_s(self.ttft_p50)}/{_s(self.ttft_p99)} s, "
             f"TPOT p50/p99 {_ms(self.tpot_p50)}/{_ms(self.tpot_p99)} ms, {self.tok_s:.0f} tok/s"
-            f"{', stopped early' if self.stopped_early else ''} -> {'pass' if self.passed else 'fail'}"
+            f"{', stopped early' if self.stopped_early else ''}{noisy} -> {'pass' if self.passed else 'fail'}"
         )
 
 
@@ -291,7 +300,9 @@ async def run_probe(
     prompts: list[str],
     seed: int,
     stop_early: bool = True,
+    pid: int | None = None,
 ) -> Probe:
+    """Send `rate` req/s for `seconds`; with the server's `pid`, also account its CPU time."""
     plan = schedule(rate, seconds, prompts, seed)
     url = base + "/v1/completions"
     # A probe is certainly failing once this many requests are late (no first token within
@@ -326,6 +337,7 @@ async def run_probe(
     # otherwise sit on idle keep-alive connections.
     connector = aiohttp.TCPConnector(limit=args.max_in_flight, force_close=True)
     cpu0 = time.process_time()
+    machine0, server0 = machine_busy_s(), tree_cpu_s(pid)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = clock() + 0.05
         for i, (at, body, n) in enumerate(plan):
@@ -356,6 +368,12 @@ async def run_probe(
         if tasks:
             await asyncio.wait(list(tasks), timeout=10)
         wall = clock() - t0
+    client_cpu = time.process_time() - cpu0
+    machine1, server1 = machine_busy_s(), tree_cpu_s(pid)
+    server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
+    other = None
+    if server_cpu is not None and machine0 is not None and machine1 is not None and wall > 0:
+        other = max(0.0, (machine1 - machine0 - server_cpu - client_cpu) / wall)
     ok = [o for o in outcomes if o.status == OK]
 
     def pct(values: list[float | None], q: float) -> float | None:
@@ -375,10 +393,43 @@ async def run_probe(
         e2e_p99=pct([o.e2e for o in ok], 0.99),
         stopped_early=stopped,
         wall_s=wall,
-        client_cpu_s=time.process_time() - cpu0,
+        client_cpu_s=client_cpu,
         lag_p99_s=percentile(lags, 0.99),
         short=sum(o.tokens < o.max_tokens for o in ok),
+        server_cpu_s=server_cpu,
+        other_cores=other,
     )
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds this machine has been busy (all cores, /proc/stat), None where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of a process and its live descendants."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -595,7 +646,9 @@ async def search(
     probes: list[Probe] = []
 
     async def probe(rate: float) -> bool:
-        p = await run_probe(server.base, rate, args.probe_seconds, args, prompts, args.seed)
+        p = await run_probe(
+            server.base, rate, args.probe_seconds, args, prompts, args.seed, pid=server.proc.pid
+        )
         p.judge(args.ttft_s, args.tpot_s, args.max_fail)
         probes.append(p)
         log(f"  [{server.target.name}] {p.line()}")
@@ -651,7 +704,9 @@ async def overload(
 
     sampler = asyncio.create_task(sample())
     try:
-        p = await run_probe(server.base, rate, args.overload_seconds, args, prompts, args.seed + 1, False)
+        p = await run_probe(
+            server.base, rate, args.overload_seconds, args, prompts, args.seed + 1, False, server.proc.pid
+        )
     finally:
         sampling = False
         await sampler
@@ -770,6 +825,14 @@ def print_table(results: dict[str, Any]) -> None:
             f"{_s(best['ttft_p50']):>9} {_s(best['ttft_p99']):>9} {_ms(best['tpot_p50']):>9} "
             f"{_ms(best['tpot_p99']):>9} {best['fail_share']:>7.1%} {len(r['probes']):>6}"
         )
+    noisy = [
+        f"{name} at {p['rate']:.2f} req/s ({p['other_cores']:.1f} cores)"
+        for name, r in results["servers"].items()
+        for p in r.get("probes", [])
+        if (p.get("other_cores") or 0.0) > OTHER_CORES_WARN
+    ]
+    if noisy:
+        print(f"WARNING: other processes were busy during {len(noisy)} probes: {'; '.join(noisy)}")
     for name, r in results["servers"].items():
         off = r.get("offline")
         if off:
