@@ -21,17 +21,20 @@ the end-to-end time. A probe's output tokens/s is the output tokens of its compl
 requests over its arrival window (in a steady state: rate x mean tokens).
 
 A rate is sustainable when p99 TTFT < `--ttft-s` (2 s), p99 TPOT < `--tpot-s` (0.2 s) and at
-most `--max-fail` (1%) of its requests were not completed (429, errors, drops); percentiles
+most `--max-fail` (0: none) of its requests were not completed (429, errors, drops); percentiles
 are nearest-rank. A probe that is clearly failing (5% of its expected requests late or
 failed) stops early. Each server's highest sustainable rate is searched by doubling from
 `--start-rate` (halving when that already fails), then `--bisect` bisection steps; between
-probes the server is given time to go idle (a 2-token request must answer fast).
+probes the server is given time to go idle (a 2-token request must answer fast). At half
+the sustainable rate a further probe reports p50, p90 and p99 of TTFT and TPOT.
 
 The servers (the same total threads `--threads` (2), the same `--sequences` (16) running
 together):
   distinfer     `distinfer serve --model gemma3-270m --replicas R --threads-per-replica T
-                --max-running S/R --max-queue Q`, for each layout RxT of `--layouts`
-                (default 1x2 and 2x1); ready when GET /v2/health/ready answers 200
+                --max-running S/R --max-queue Q --timeout-ms D`, for each layout RxT of `--layouts`
+                (default 1x2 and 2x1), D = `--deadline-s` (2 s, the TTFT target): a
+                request that cannot start by then is shed with 429 at once; ready when
+                GET /v2/health/ready answers 200
   llama-server  `llama-server -m GGUF -np S -c S*CTX -t T -tb T`, built from the llama.cpp
                 that llama-cpp-python (the version of benchmarks/peers/build_llama_cpp.sh)
                 vendors, by benchmarks/peers/build_llama_server.sh (run when missing, ~10
@@ -49,7 +52,8 @@ Also measured, for distinfer:
 
 Targets (2-core machine): distinfer's sustainable rate (best layout) >= 1.3 x llama-server's;
 its output tokens/s at that rate >= 0.8 x the offline tokens/s of the same layout; at 3 x that
-rate it stays up, sheds with 429, answers no 5xx, completes what it admits, and its memory
+rate it stays up, sheds with 429, answers no 5xx, completes what it admits within its
+deadline (p99 TTFT of the admitted <= D), and its memory
 stays flat (after <= 1.1 x before).
 
 Run it on an otherwise idle machine: each probe accounts the CPU time of the server and of
@@ -228,8 +232,10 @@ class Probe:
     counts: dict[str, int]
     tokens: int
     ttft_p50: float | None
+    ttft_p90: float | None
     ttft_p99: float | None
     tpot_p50: float | None
+    tpot_p90: float | None
     tpot_p99: float | None
     e2e_p50: float | None
     e2e_p99: float | None
@@ -386,8 +392,10 @@ async def run_probe(
         counts=dict(Counter(o.status for o in outcomes)),
         tokens=sum(o.tokens for o in ok),
         ttft_p50=pct([o.ttft for o in ok], 0.50),
+        ttft_p90=pct([o.ttft for o in ok], 0.90),
         ttft_p99=pct([o.ttft for o in ok], 0.99),
         tpot_p50=pct([o.tpot for o in ok], 0.50),
+        tpot_p90=pct([o.tpot for o in ok], 0.90),
         tpot_p99=pct([o.tpot for o in ok], 0.99),
         e2e_p50=pct([o.e2e for o in ok], 0.50),
         e2e_p99=pct([o.e2e for o in ok], 0.99),
@@ -464,6 +472,7 @@ class Target:
                 "--max-running", str(self.sequences // self.replicas),
                 "--max-queue", str(args.max_queue),
                 "--drain-timeout", "5",
+                "--timeout-ms", f"{args.deadline_s * 1e3:g}",
                 *shlex.split(args.distinfer_args),
             ]  # fmt: skip
         return [
@@ -725,6 +734,7 @@ async def overload(
         "server_errors": p.counts.get(SERVER_ERROR, 0),
         "admitted": admitted,
         "admitted_completed": p.ok,
+        "deadline_s": args.deadline_s,
         "rss_before_mib": before,
         "rss_peak_mib": peak,
         "rss_after_mib": after,
@@ -833,6 +843,22 @@ def print_table(results: dict[str, Any]) -> None:
     ]
     if noisy:
         print(f"WARNING: other processes were busy during {len(noisy)} probes: {'; '.join(noisy)}")
+    halves = {n: r["half"] for n, r in results["servers"].items() if r.get("half")}
+    if halves:
+        print("\nat half the sustainable rate:")
+        head = (
+            f"{'server':<16} {'req/s':>7} {'ok':>9} {'TTFT p50':>9} {'p90':>6} {'p99':>6} "
+            f"{'TPOT p50':>9} {'p90':>6} {'p99':>6}"
+        )
+        print(head)
+        print(f"{'':<16} {'':>7} {'':>9} {'s':>9} {'s':>6} {'s':>6} {'ms':>9} {'ms':>6} {'ms':>6}")
+        print("-" * len(head))
+        for name, h in halves.items():
+            print(
+                f"{name:<16} {h['rate']:>7.2f} {h['counts'].get(OK, 0):>4}/{h['sent']:<4} "
+                f"{_s(h['ttft_p50']):>9} {_s(h['ttft_p90']):>6} {_s(h['ttft_p99']):>6} "
+                f"{_ms(h['tpot_p50']):>9} {_ms(h['tpot_p90']):>6} {_ms(h['tpot_p99']):>6}"
+            )
     for name, r in results["servers"].items():
         off = r.get("offline")
         if off:
@@ -899,6 +925,12 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{name}: {f:g}x overload: no 5xx, every admitted request completed",
                 ov["server_errors"] == 0 and ov["admitted_completed"] == ov["admitted"],
                 f"5xx {ov['server_errors']}, completed {ov['admitted_completed']}/{ov['admitted']} admitted",
+            )
+            p99 = ov["probe"]["ttft_p99"]
+            add(
+                f"{name}: {f:g}x overload: admitted requests' p99 TTFT within the deadline",
+                None if p99 is None else p99 <= ov["deadline_s"],
+                f"p99 TTFT {_s(p99)} s, deadline {ov['deadline_s']:g} s",
             )
             before, after = ov["rss_before_mib"], ov["rss_after_mib"]
             add(
@@ -971,6 +1003,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     asdict(best) | {"tok_s": best.tok_s, "fail_share": best.fail_share} if best else None
                 )
                 entry["probes"] = [asdict(p) | {"tok_s": p.tok_s} for p in probes]
+                if best is not None and not args.no_half:
+                    half = await run_probe(
+                        server.base, best.rate / 2, args.probe_seconds, args, prompts, args.seed + 3,
+                        False, server.proc.pid,
+                    )  # fmt: skip
+                    half.judge(args.ttft_s, args.tpot_s, args.max_fail)
+                    log(f"  [{target.name}] half rate {half.line()}")
+                    entry["half"] = asdict(half) | {"tok_s": half.tok_s, "fail_share": half.fail_share}
+                    await settle(server.base)
                 if target.kind == "distinfer" and best is not None and not args.no_overload:
                     entry["overload"] = await overload(
                         server, args.overload_factor * best.rate, args, prompts
@@ -1052,8 +1093,8 @@ def main() -> int:
     p.add_argument(
         "--max-fail",
         type=float,
-        default=0.01,
-        help="share of requests allowed to fail or be shed (default 0.01)",
+        default=0.0,
+        help="share of requests allowed to fail or be shed at a sustainable rate (default 0: none)",
     )
     p.add_argument(
         "--max-in-flight",
@@ -1085,6 +1126,13 @@ def main() -> int:
     )
     p.add_argument("--overload-seconds", type=float, default=30.0, help="overload probe length (default 30)")
     p.add_argument("--no-overload", action="store_true", help="skip the overload probe")
+    p.add_argument("--no-half", action="store_true", help="skip the probe at half the sustainable rate")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=2.0,
+        help="distinfer serve --timeout-ms: the first token's deadline, beyond which it sheds (default 2)",
+    )
     p.add_argument("--offline-rows", type=int, default=256, help="prompts in the offline job (default 256)")
     p.add_argument(
         "--offline-block-size",
