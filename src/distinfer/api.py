@@ -11,7 +11,10 @@ from .report import JobReport
 if TYPE_CHECKING:
     from .serving.config import ServeConfig
 
-__all__ = ["bench", "run", "serve"]
+if TYPE_CHECKING:
+    from .driver.advisor import Advice
+
+__all__ = ["bench", "plan", "run", "serve"]
 
 
 def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
@@ -29,9 +32,45 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
 
     if config is None:
         config = RunConfig.build(options)
-    elif options:
-        config = RunConfig.build({**_as_dict(config), **options})
+        given = {k.replace("-", "_") for k in options}
+    else:
+        defaults = RunConfig(model=config.model, input=config.input, output=config.output)
+        given = {k for k, v in _as_dict(config).items() if v != getattr(defaults, k)} | set(options)
+        if options:
+            config = RunConfig.build({**_as_dict(config), **options})
+    if config.strategy == "auto":
+        from .driver.advisor import auto_layout
+        from .logs import log
+
+        config, line = auto_layout(config, given)
+        log.info("%s", line)
     return run_job(config)
+
+
+def plan(
+    model: str,
+    input: str,
+    rows: int | None = None,
+    cluster: str | None = None,
+    latency_target_s: float | None = None,
+    request_rate: float | None = None,
+    worker_memory: str | None = None,
+    block_size: int = 1024,
+    refresh_profile: bool = False,
+    input_format: str | None = None,
+    column: str | None = None,
+) -> Advice:
+    """Ranked plans for running `model` over `input` (or `rows` rows like its own) on this
+    machine or the `cluster` file: `advice.plans`, best first, each with its predicted
+    throughput, job time, batch latency, memory per process and reasons. The model is
+    measured on this machine the first time (about a minute), then the profile is cached."""
+    from .driver.advisor import advise
+
+    return advise(
+        model, input, rows=rows, cluster=cluster, latency_target_s=latency_target_s,
+        request_rate=request_rate, worker_memory=worker_memory, block_size=block_size,
+        input_format=input_format, column=column, refresh=refresh_profile,
+    )  # fmt: skip
 
 
 def serve(config: ServeConfig | None = None, /, **options: Any) -> int:

@@ -60,7 +60,7 @@ def _layout_args(p: Any) -> None:
     p.add_argument("--worker-gpus", type=float, help="ray: GPUs each worker asks for (default 0)")
     p.add_argument("--worker-resource", dest="worker_resources", action="append", type=_resource, metavar="NAME=AMOUNT", help="ray: a custom resource each worker asks for, to pin workers to kinds of nodes (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device for the model (default cpu)")
-    p.add_argument("--strategy", choices=["data", "pipeline", "tensor"], help="data: a whole model copy per replica (default); pipeline: each replica is a group of stage processes, each holding only its layers (built-in models, ONNX files, traceable PyTorch models); tensor: each replica is a group of ranks sharing every layer, Megatron-style (minilm, decoder-SIZE)")
+    p.add_argument("--strategy", choices=["auto", "data", "pipeline", "tensor"], help="auto: the top plan of 'distinfer plan' (measures the model once, then cached), with the options you give kept; data: a whole model copy per replica (default); pipeline: each replica is a group of stage processes, each holding only its layers (built-in models, ONNX files, traceable PyTorch models); tensor: each replica is a group of ranks sharing every layer, Megatron-style (minilm, decoder-SIZE)")
     p.add_argument("--tensor-parallel", type=int, help="tensor: ranks per replica (default 2)")
     p.add_argument("--tensor-comm", choices=["auto", "shm", "gloo", "nccl"], help="tensor: how ranks exchange activations: shm = shared memory (the CPU default, fastest on one machine), gloo = torch.distributed over loopback TCP, nccl = torch.distributed on GPUs (the --device cuda default)")
     p.add_argument("--stages", type=int, help="pipeline: stages per worker (default 2, or the fewest that fit --worker-memory)")
@@ -162,26 +162,74 @@ def _bench_parser(sub: Any) -> None:
 def _plan_parser(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
-        help="cut a model into balanced pipeline stages and show each stage's time and memory",
+        help="choose how to split a model over this machine or a cluster, and predict the run",
         description=(
-            "Measure each layer of MODEL (one layer in memory at a time) and cut the layers into "
-            "STAGES contiguous pipeline stages that minimise the slowest stage, within "
-            "--worker-memory per stage. Prints the cut, each stage's predicted time per "
-            "micro-batch and memory, and the pipeline bubble."
+            "With --input: measure MODEL on this machine (once; the profile is cached), then "
+            "rank every layout it can take on the resources (this machine, or --cluster FILE): "
+            "data, pipeline and tensor parallel and their hybrids, with replicas, stages or "
+            "ranks, threads and batch size. Each plan shows its predicted throughput, the job's "
+            "time, one batch's latency, the memory per process and its reasons. "
+            "Without --input, or with --stages/--cuts: cut MODEL into pipeline stages only "
+            "(measured one layer in memory at a time) and show each stage's time and memory."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", "-m", required=True, help="minilm, decoder-SIZE, an .onnx file, or a traceable PyTorch model (package.module:factory, .pt2)")
-    p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: 2, or the fewest that fit --worker-memory)")
-    p.add_argument("--worker-memory", default=None, help="memory limit per stage worker, e.g. 3GiB")
+    p.add_argument("--model", "-m", required=True, help="minilm, decoder-SIZE, an .onnx file, or a PyTorch model (package.module:factory, .pt2)")
+    p.add_argument("--input", "-i", default=None, help="the input (a sample of its rows is measured; its row count is the job's size)")
+    p.add_argument("--rows", type=int, default=None, help="plan for this many rows like the input's (default: the input's row count)")
+    p.add_argument("--cluster", metavar="FILE", default=None, help="a cluster file (TOML or JSON: [[node]] kind, count, cores, memory, gpus, speed, network); default this machine")
+    p.add_argument("--latency-target", type=_milliseconds, default=None, metavar="MS", help="one batch's latency at most, e.g. 100ms or 0.5s (a bare number is ms)")
+    p.add_argument("--request-rate", type=float, default=None, help="serving: rows/s the plan must sustain")
+    p.add_argument("--block-size", type=int, default=1024, help="rows per block (for the pipeline bubble)")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    p.add_argument("--top", type=int, default=5, help="usable plans to show")
+    p.add_argument("--refresh-profile", action="store_true", help="measure again instead of using the cached profile")
+    p.add_argument("--column", "--field", dest="column", default=None, help="input column")
+    p.add_argument("--input-format", default=None, help="input format when the suffix does not tell")
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages to cut into (default: 2, or the fewest that fit --worker-memory)")
+    p.add_argument("--worker-memory", default=None, help="memory limit per worker process, e.g. 3GiB")
     p.add_argument("--cuts", type=_cuts, default=None, help="explicit cut points instead of the balanced cut: layer indices where stages 2.. start, e.g. 4,9")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per row for the measurement")
-    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches in flight, for the bubble figure")
+    p.add_argument("--batch-size", type=int, default=8, help="the pipeline cut: rows per micro-batch")
+    p.add_argument("--seq-len", type=int, default=64, help="the pipeline cut: tokens per row for the measurement")
+    p.add_argument("--micro-batches", type=int, default=8, help="the pipeline cut: micro-batches in flight, for the bubble figure")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _milliseconds(text: str) -> float:
+    """Seconds from '100ms', '0.5s' or a bare number of milliseconds."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            return float(t[:-2]) / 1e3
+        if t.endswith("s"):
+            return float(t[:-1])
+        return float(t) / 1e3
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 100ms or 0.5s, got {text!r}") from None
+
+
 def _cmd_plan(args: dict[str, Any]) -> int:
+    if args["input"] is None or args["stages"] is not None or args["cuts"]:
+        return _cmd_cut(args)
+    import json
+
+    from .api import plan
+    from .planning.describe import describe_plans, plans_json
+
+    advice = plan(
+        args["model"], args["input"], rows=args["rows"], cluster=args["cluster"],
+        latency_target_s=args["latency_target"], request_rate=args["request_rate"],
+        worker_memory=args["worker_memory"], block_size=args["block_size"],
+        refresh_profile=args["refresh_profile"], input_format=args["input_format"], column=args["column"],
+    )  # fmt: skip
+    if args["json"]:
+        print(json.dumps(plans_json(advice.plans, advice.profile, advice.cluster, advice.workload), indent=1))
+    else:
+        print(describe_plans(advice.plans, advice.profile, advice.cluster, advice.workload, args["top"]))
+    return 0
+
+
+def _cmd_cut(args: dict[str, Any]) -> int:
     from .driver.layout import RUNTIME_RESERVE, choose_plan, usable_memory
     from .models.families import parse_model
     from .planning import format_bytes

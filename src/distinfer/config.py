@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
@@ -41,7 +41,8 @@ class RunConfig:
     worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
     worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
     device: Device = "cpu"
-    strategy: Strategy = "data"  # "data" (whole model per worker), "pipeline" (stages) or "tensor" (ranks)
+    # "data" (whole model per worker), "pipeline" (stages), "tensor" (ranks), "auto" (the top plan)
+    strategy: Strategy | Literal["auto"] = "data"
     stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
     cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
     tensor_parallel: int | None = None  # tensor: ranks per replica (None: 2)
@@ -96,8 +97,8 @@ class RunConfig:
         for name, amount in (self.worker_resources or {}).items():
             if not isinstance(amount, (int, float)) or amount < 0:
                 raise ConfigError(f"--worker-resource {name}: the amount must be a number >= 0")
-        if self.strategy not in ("data", "pipeline", "tensor"):
-            raise ConfigError(f"--strategy must be data, pipeline or tensor, got {self.strategy!r}")
+        if self.strategy not in ("data", "pipeline", "tensor", "auto"):
+            raise ConfigError(f"--strategy must be auto, data, pipeline or tensor, got {self.strategy!r}")
         if self.stages is not None and self.stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
         if (self.stages is not None or self.cuts) and self.strategy != "pipeline":

@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"backends"},
     {"driver"},
     {"serving"},
+    {"simulation"},
     {"api"},
     {"cli", "__init__"},
 ]

@@ -63,6 +63,11 @@ class ServeConfig:
             raise ConfigError(f"--timeout-ms must be > 0, got {self.timeout_ms}")
         if self.model_name is not None and not _NAME.fullmatch(self.model_name):
             raise ConfigError(f"--model-name {self.model_name!r}: use letters, digits, '.', '_' and '-'")
+        if self.strategy not in ("data", "pipeline", "tensor"):  # "auto" plans a batch job
+            raise ConfigError(
+                f"serve --strategy must be data, pipeline or tensor, got {self.strategy!r}; "
+                "'distinfer plan --request-rate R --latency-target MS' ranks the layouts for a server"
+            )
         self.run_config()  # the shared rules of the replica layout
 
     def run_config(self) -> RunConfig:

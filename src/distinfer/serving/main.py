@@ -35,7 +35,7 @@ def worker_spec(config: ServeConfig) -> WorkerSpec:
     """The replicas' spec: the batch engine's, with no input source and a warm-up."""
     run = config.run_config()
     model = with_task(parse_model(config.model), run)
-    problem = model.family.serving_problem(model, run.strategy)
+    problem = model.family.serving_problem(model, config.strategy)
     if problem is not None:
         raise ConfigError(problem)
     layout = plan_layout(run, model)

@@ -1,0 +1,230 @@
+"""Measuring a model on this machine for the planner (`Profile`), once, then cached.
+
+Every figure is measured in fresh spawned processes, as a worker runs: the same runner, the
+same preparation and batching (`run_block`), threads pinned before torch loads.
+
+1. One process alone at 1 thread and at all cores, over `sample` rows of the input, at
+   each batch size: rows/s. The first one also gives the start-up cost (spawn, imports,
+   the model's load) and a worker's peak memory.
+2. `cores` one-thread processes at once, started together after all have loaded: each one's
+   rows/s, the measured contention.
+3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
+   that can be cut into stages.
+4. The links: a shared-memory copy's bandwidth and a pipe's round trip between processes;
+   with tensor parallelism, a gloo all-reduce's latency and bandwidth between two ranks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..errors import DistinferError, ModelError
+from ..logs import log
+from ..planning.cluster import this_machine
+from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
+
+__all__ = ["ProfileRequest", "get_profile"]
+
+MIN_SECONDS = 1.0  # each rate is timed over whole passes of the sample, at least this long
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRequest:
+    model: str
+    input: str
+    input_format: str | None = None
+    column: str | None = None
+    sample: int = 256
+    batch_sizes: tuple[int, ...] = (8, 32, 64)
+    layer_batch: int = 8
+    seq_len: int = 64
+
+
+def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) -> None:
+    """One measuring process: load, report ready, wait for 'go', time each batch size."""
+    try:
+        from ..models.base import StageTimer, run_block
+        from ..worker.process import limit_threads, peak_rss
+
+        limit_threads(threads)
+        from ..data.sources import open_source, plan_blocks
+        from ..models.families import load_runner, parse_model
+        from ..worker.replica import read_inputs
+
+        spec = parse_model(req.model)
+        source = open_source(req.input, req.input_format)
+        runner = load_runner(spec, threads)
+        binding = runner.bind(source.columns, req.column)
+        blocks = plan_blocks(source, req.sample, req.sample)
+        if not blocks:
+            raise ModelError(f"{req.input}: no rows to profile the model on")
+        inputs = read_inputs(source, blocks[0], binding)
+        run_block(runner, {k: v[: max(req.batch_sizes)] for k, v in inputs.items()}, max(req.batch_sizes),
+                  StageTimer())  # fmt: skip
+        conn.send(("ready", time.time() - spawned))
+        conn.recv()  # go
+        rates = []
+        for b in req.batch_sizes:
+            passes, start = 0, time.perf_counter()
+            while passes == 0 or time.perf_counter() - start < MIN_SECONDS:
+                run_block(runner, inputs, b, StageTimer())
+                passes += 1
+            rates.append((b, passes * blocks[0].rows / (time.perf_counter() - start)))
+        conn.send(("done", rates, peak_rss()))
+    except BaseException as exc:  # reported to the parent, which raises it with its message
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Rate], float, int]:
+    """`processes` processes at once: their mean rates, the first's start-up s, the largest RSS."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(processes):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child, args=(child, req, threads, time.time()), daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        startups = [_expect(conn, "ready")[0] for conn in pipes]
+        for conn in pipes:
+            conn.send("go")
+        results = [_expect(conn, "done") for conn in pipes]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    rates = []
+    for i, b in enumerate(req.batch_sizes):
+        mean = sum(r[0][i][1] for r in results) / processes
+        rates.append(Rate(threads, b, mean, processes))
+    return rates, min(startups), max(r[1] for r in results)
+
+
+def _expect(conn: Connection, kind: str) -> list[Any]:
+    if not conn.poll(900):
+        raise DistinferError("profiling: a measuring process gave no answer within 900 s")
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise DistinferError(
+            "profiling: a measuring process died; run the model once with 'distinfer bench' to see why"
+        ) from None
+    if message[0] == "error":
+        raise ModelError(f"profiling {message[1]}")
+    return list(message[1:])
+
+
+def _layers_child(conn: Connection, req: ProfileRequest) -> None:
+    try:
+        from ..worker.process import limit_threads
+
+        limit_threads(1)
+        from ..models.families import parse_model
+
+        spec = parse_model(req.model)
+        costs = spec.family.layer_costs(spec, req.layer_batch, req.seq_len)
+        conn.send(("done", [(c.name, c.seconds, c.weight_bytes, c.activation_bytes) for c in costs]))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _layers(req: ProfileRequest) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_layers_child, args=(child, req), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        return list(_expect(parent, "done")[0])
+    finally:
+        proc.join(timeout=30)
+
+
+def _links() -> Links:
+    """A copy's bandwidth in this process (what a shared-memory slot costs) and a pipe's
+    round trip to another process."""
+    import numpy as np
+
+    src = np.ones(32 * 2**20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    start = time.perf_counter()
+    for _ in range(8):
+        np.copyto(dst, src)
+    bandwidth = 8 * src.nbytes / (time.perf_counter() - start)
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    proc = ctx.Process(target=_echo, args=(b,), daemon=True)
+    proc.start()
+    a.send(0)
+    a.recv()
+    start = time.perf_counter()
+    for i in range(200):
+        a.send(i)
+        a.recv()
+    latency = (time.perf_counter() - start) / 400  # one way
+    a.send(None)
+    proc.join(timeout=10)
+    return Links(shm_latency_s=latency, shm_bytes_per_s=bandwidth, allreduce_latency_s=2 * latency,
+                 allreduce_bytes_per_s=bandwidth / 4)  # fmt: skip
+
+
+def _echo(conn: Connection) -> None:
+    while (item := conn.recv()) is not None:
+        conn.send(item)
+
+
+def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
+    """The cached profile of `req.model` on this machine, measured first when there is none."""
+    from ..models.families import parse_model
+
+    spec = parse_model(req.model)
+    machine = this_machine().nodes[0]
+    key = machine_key(machine.cores, machine.memory)
+    settings = {"batch_sizes": req.batch_sizes, "sample": req.sample, "input": os.path.abspath(req.input)}
+    path = profile_path(key, spec.family.identity(spec), settings)
+    cached = None if refresh else Profile.load(path)
+    if cached is not None:
+        return cached
+    started = time.monotonic()
+    log.info("profiling %s on this machine (once; cached in %s)", req.model, path)
+    alone, startup, rss = _measure(req, 1, 1)
+    rates = list(alone)
+    if machine.cores > 1:
+        rates += _measure(req, 1, machine.cores)[0]
+        rates += _measure(req, machine.cores, 1)[0]
+    family = spec.family
+    strategies = ["data"]
+    layers: list[Any] = []
+    if family.no_stages is None:
+        try:
+            layers = _layers(req)
+            strategies.append("pipeline")
+        except ModelError as exc:
+            log.info("no per-layer profile of %s: %s", req.model, exc)
+    ranks = tuple(k for k in (2, 4) if k <= machine.cores and family.shard_problem(spec, k) is None)
+    if ranks:
+        strategies.append("tensor")
+    weights = family.weight_bytes(spec)
+    from ..planning.cuts import LayerCost
+
+    profile = Profile(
+        model=req.model, machine=key, cores=machine.cores, rates=tuple(rates),
+        layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch, seq_len=req.seq_len,
+        weight_bytes=sum(weights) if weights else sum(c[2] for c in layers), worker_rss=rss,
+        startup_s=startup, links=_links(), strategies=tuple(strategies), tensor_ranks=ranks,
+    )  # fmt: skip
+    profile.save(path)
+    log.info("profiled %s in %.0f s", req.model, time.monotonic() - started)
+    return profile

@@ -1,0 +1,196 @@
+"""The cost model: a layout's throughput, batch latency and memory, from a `Profile` alone.
+
+Pure arithmetic over measured figures; docs/planning.md writes the same formulas out.
+
+* One process, `t` threads, batches of `b` rows: `X(t, b)` rows/s, measured (`Rate` with one
+  process), interpolated linearly in `t` and in `log b` between measured points and held
+  flat beyond them.
+* Contention. `n` busy processes of `t` threads each on a node of `C` cores each run at
+  `kappa(n, t) * X(t, b)`. `kappa` is measured: the per-process rate of `n` processes at
+  once over one alone (on this machine two one-thread processes each run slower than one
+  alone: shared caches and memory bandwidth). Between measured core counts `u = n*t` it is
+  interpolated linearly from `kappa = 1` at `u = t`; past `C` busy cores the processes
+  share them in time: `kappa(C) * C / (n t)`.
+* Data parallel, `R` replicas: `R * kappa(R, t) * X(t, b)`; a batch's latency `b / (kappa X)`.
+* Pipeline, `p` stages cut by `balanced_cut` over the measured layer times: stage `k` takes
+  `s_k * b / (kappa(R p, t) X(t, b)) + link(a_k)`, where `s_k` is the stage's share of the
+  layer time and `link(a) = latency + a / bandwidth` moves the activation `a` it sends. A
+  replica makes `b / max_k T_k` rows/s in steady state, times `m / (m + p - 1)` for the
+  bubble of a block of `m` micro-batches. Latency: `sum_k T_k`.
+* Tensor parallel, `k` ranks (Megatron): every rank computes `1/k` of each layer, so a
+  batch takes `b / (k kappa(R k, t) X(t, b)) + 2 L allreduce(a)` for `L` layers, where
+  `allreduce(a) = 2 (k-1) latency + 2 (k-1)/k * a / bandwidth` (a ring) and `a` is one
+  layer's output for the batch.
+* Memory per process: data, the measured worker's peak; pipeline, the stage's weights + 2 x
+  its largest activation + `RUNTIME_RESERVE` (+ `HEAD_RESERVE` on stage 0, which also reads
+  and writes the block); tensor, `1/k` of the weights + 2 x the largest activation +
+  `RUNTIME_RESERVE`.
+* A node of relative speed `s` runs every rate `s` times faster; a cluster's throughput is
+  the sum over its nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from distinfer.planning.cuts import LayerCost, PipelinePlan, balanced_cut
+from distinfer.planning.profiles import Profile, Rate
+
+__all__ = [
+    "HEAD_RESERVE",
+    "RUNTIME_RESERVE",
+    "Estimate",
+    "allreduce_s",
+    "bubble",
+    "contention",
+    "estimate_data",
+    "estimate_pipeline",
+    "estimate_tensor",
+    "single_rate",
+]
+
+#: Memory each worker process needs beyond weights and activations: Python, torch and the
+#: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
+RUNTIME_RESERVE = 512 * 2**20
+
+#: Stage 0 of a pipeline is also the worker process: it reads and tokenises each block,
+#: collects every micro-batch's outputs and writes the part. On the 1B decoder it peaked
+#: about 0.3 GiB above the other stages, so its first layer is charged this much more.
+HEAD_RESERVE = 320 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What one replica of a layout does on the profiled machine, at speed 1."""
+
+    rows_per_s: float  # one replica, with the contention of every process of the node busy
+    latency_s: float  # one batch through the replica
+    memory_bytes: int  # the largest process
+    processes: int  # per replica
+    plan: PipelinePlan | None = None
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through sorted (x, y) points, flat beyond the ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def _alone(profile: Profile) -> list[Rate]:
+    alone = [r for r in profile.rates if r.processes == 1]
+    if not alone:
+        raise ValueError(f"the profile of {profile.model} has no single-process rate")
+    return alone
+
+
+def single_rate(profile: Profile, threads: int, batch_size: int) -> float:
+    """X(t, b): one process's rows/s with `threads` threads and batches of `batch_size`."""
+    alone = _alone(profile)
+    by_threads: dict[int, list[tuple[float, float]]] = {}
+    for r in alone:
+        by_threads.setdefault(r.threads, []).append((math.log(r.batch_size), r.rows_per_s))
+    points = [(float(t), _interp(sorted(pts), math.log(batch_size))) for t, pts in sorted(by_threads.items())]
+    return _interp(points, float(threads))
+
+
+def contention(profile: Profile, processes: int, threads: int, cores: int) -> float:
+    """kappa: each of `processes` busy processes' rate over one alone (1 for one process)."""
+    busy = processes * threads
+    if processes <= 1:
+        return 1.0 if busy <= cores else cores / busy
+    measured = sorted(
+        {
+            (r.processes * r.threads, r.rows_per_s / single_rate(profile, r.threads, r.batch_size))
+            for r in profile.rates
+            if r.processes > 1
+        }
+    )
+    points = [(float(threads), 1.0), *((float(u), k) for u, k in measured if u > threads)]
+    if busy <= cores:
+        return min(1.0, _interp(points, float(busy)))
+    return min(1.0, _interp(points, float(cores))) * cores / busy
+
+
+def bubble(stages: int, micro_batches: int) -> float:
+    """The idle share of a pipeline over one block: (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (max(1, micro_batches) + stages - 1)
+
+
+def allreduce_s(profile: Profile, nbytes: float, ranks: int) -> float:
+    """A ring all-reduce of `nbytes` over `ranks` ranks."""
+    if ranks <= 1:
+        return 0.0
+    links = profile.links
+    steps = 2 * (ranks - 1)
+    return steps * links.allreduce_latency_s + steps / ranks * nbytes / links.allreduce_bytes_per_s
+
+
+def _scaled_layers(profile: Profile, batch_size: int) -> list[LayerCost]:
+    """The measured layers with their activations scaled from `layer_batch` to `batch_size` rows."""
+    scale = batch_size / max(1, profile.layer_batch)
+    return [
+        LayerCost(c.name, c.seconds, c.weight_bytes, int(c.activation_bytes * scale)) for c in profile.layers
+    ]
+
+
+def estimate_data(profile: Profile, replicas: int, threads: int, batch_size: int, cores: int) -> Estimate:
+    rate = single_rate(profile, threads, batch_size) * contention(profile, replicas, threads, cores)
+    memory = profile.worker_rss or profile.weight_bytes + RUNTIME_RESERVE
+    return Estimate(rate, batch_size / rate, memory, 1)
+
+
+def estimate_pipeline(
+    profile: Profile,
+    replicas: int,
+    stages: int,
+    threads: int,
+    batch_size: int,
+    cores: int,
+    micro_batches: int,
+    memory_limit: int | None,
+) -> Estimate:
+    """`balanced_cut` over the measured layers; raises ConfigError when no cut fits the limit."""
+    layers = _scaled_layers(profile, batch_size)
+    reserve = [HEAD_RESERVE, *([0] * (len(layers) - 1))]
+    charged = [
+        LayerCost(c.name, c.seconds, c.weight_bytes + r, c.activation_bytes)
+        for c, r in zip(layers, reserve, strict=True)
+    ]
+    limit = None if memory_limit is None else max(0, memory_limit - RUNTIME_RESERVE)
+    plan = balanced_cut(charged, stages, limit)
+    total = math.fsum(c.seconds for c in layers) or 1.0
+    per_batch = batch_size / (
+        single_rate(profile, threads, batch_size) * contention(profile, replicas * stages, threads, cores)
+    )
+    links = profile.links
+    times = []
+    for k, stage in enumerate(plan.stages):
+        compute = per_batch * math.fsum(c.seconds for c in layers[stage.start : stage.stop]) / total
+        sent = layers[stage.stop - 1].activation_bytes if k < len(plan.stages) - 1 else 0
+        times.append(compute + (links.shm_latency_s + sent / links.shm_bytes_per_s if sent else 0.0))
+    rate = batch_size / max(times) * (1.0 - bubble(stages, micro_batches))
+    memory = max(s.memory_bytes for s in plan.stages) + RUNTIME_RESERVE
+    return Estimate(rate, math.fsum(times), memory, stages, plan)
+
+
+def estimate_tensor(
+    profile: Profile, replicas: int, ranks: int, threads: int, batch_size: int, cores: int
+) -> Estimate:
+    layers = _scaled_layers(profile, batch_size)
+    compute = batch_size / (
+        ranks
+        * single_rate(profile, threads, batch_size)
+        * contention(profile, replicas * ranks, threads, cores)
+    )
+    blocks = [c for c in layers if c.name.startswith(("block", "layer"))] or layers
+    hidden = max((c.activation_bytes for c in blocks), default=0)
+    latency = compute + 2 * len(blocks) * allreduce_s(profile, hidden, ranks)
+    largest = max((c.activation_bytes for c in layers), default=0)
+    memory = profile.weight_bytes // ranks + 2 * largest + RUNTIME_RESERVE
+    return Estimate(batch_size / latency, latency, memory, ranks)

@@ -1,0 +1,134 @@
+"""What the planner knows about one model on one machine: measured, cached, pure data.
+
+A `Profile` holds only measurements (driver/profiling.py takes them): one process's rows/s
+at a few thread counts and batch sizes, what several such processes get when they run at
+once (the contention of shared cores and memory bandwidth), per-layer times and sizes (for
+pipeline cuts and tensor shards), the links between processes, the start-up cost and the
+peak memory of a worker. The cost model (costmodel.py) predicts every layout from these
+figures alone, so a plan is instant once the profile is cached.
+
+Profiles are cached as JSON under `~/.cache/distinfer/profiles/` (or `$DISTINFER_CACHE`),
+one file per machine and model: the key names the CPU model, the cores, the memory and the
+model's identity, so a profile from another machine or another model is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distinfer.planning.cuts import LayerCost
+
+__all__ = ["PROFILE_VERSION", "Links", "Profile", "Rate", "cache_dir", "machine_key", "profile_path"]
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """Rows/s of each of `processes` processes running at once, each with `threads` threads
+    and batches of `batch_size` rows (processes == 1: one process alone)."""
+
+    threads: int
+    batch_size: int
+    rows_per_s: float
+    processes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """Moving data between processes: a fixed latency and a bandwidth per link kind."""
+
+    shm_latency_s: float = 50e-6  # one message through the shared-memory ring (stage to stage)
+    shm_bytes_per_s: float = 2e9
+    allreduce_latency_s: float = 100e-6  # one small all-reduce between ranks (gloo, loopback)
+    allreduce_bytes_per_s: float = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Measured figures of one model on one machine (see the module's docstring)."""
+
+    model: str
+    machine: str
+    cores: int
+    rates: tuple[Rate, ...]
+    layers: tuple[LayerCost, ...] = ()  # per layer, for `layer_batch` rows of `seq_len` tokens, 1 thread
+    layer_batch: int = 8
+    seq_len: int = 0  # mean tokens per row of the sample (0: not a text model)
+    weight_bytes: int = 0
+    worker_rss: int = 0  # peak resident bytes of one data-parallel worker process
+    startup_s: float = 0.0  # spawning a worker process, its imports and the model's load
+    links: Links = field(default_factory=Links)
+    strategies: tuple[str, ...] = ("data",)  # what the model's family supports
+    tensor_ranks: tuple[int, ...] = ()  # rank counts the family can shard over
+    version: int = PROFILE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Profile:
+        return cls(
+            model=data["model"],
+            machine=data["machine"],
+            cores=int(data["cores"]),
+            rates=tuple(Rate(**r) for r in data["rates"]),
+            layers=tuple(LayerCost(**c) for c in data.get("layers", ())),
+            layer_batch=int(data.get("layer_batch", 8)),
+            seq_len=int(data.get("seq_len", 0)),
+            weight_bytes=int(data.get("weight_bytes", 0)),
+            worker_rss=int(data.get("worker_rss", 0)),
+            startup_s=float(data.get("startup_s", 0.0)),
+            links=Links(**data.get("links", {})),
+            strategies=tuple(data.get("strategies", ("data",))),
+            tensor_ranks=tuple(data.get("tensor_ranks", ())),
+            version=int(data.get("version", 0)),
+        )
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Profile | None:
+        """The cached profile, or None when there is none, it is unreadable or of an older version."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            profile = cls.from_json(data)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return profile if profile.version == PROFILE_VERSION else None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISTINFER_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "distinfer"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def machine_key(cores: int, memory: int) -> str:
+    """This machine's CPU model, cores and memory (GiB), as one readable string."""
+    return f"{_cpu_model()} / {cores} cores / {memory / 2**30:.0f} GiB"
+
+
+def profile_path(machine: str, model_identity: dict[str, Any], settings: dict[str, Any]) -> Path:
+    """Where the profile of a model (its family's identity) on a machine is cached."""
+    text = json.dumps({"machine": machine, "model": model_identity, "settings": settings}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return cache_dir() / "profiles" / f"{digest}.json"

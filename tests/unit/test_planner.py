@@ -1,0 +1,210 @@
+"""The planner over fixed profiles: no process, no clock. It must choose as the cost model
+says, respect memory limits, refuse impossible layouts with the reason, and rank hybrids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distinfer.errors import ConfigError
+from distinfer.planning.cluster import Cluster, NodeKind, load_cluster, parse_bandwidth
+from distinfer.planning.costmodel import RUNTIME_RESERVE, allreduce_s, bubble, contention, single_rate
+from distinfer.planning.cuts import LayerCost
+from distinfer.planning.describe import describe_plans, plans_json
+from distinfer.planning.planner import Plan, Workload, make_plans
+from distinfer.planning.profiles import Links, Profile, Rate
+
+MiB, GiB = 2**20, 2**30
+
+
+def _layers(n: int = 8, weight: int = 64 * MiB, act: int = MiB) -> tuple[LayerCost, ...]:
+    return (
+        LayerCost("embedding", 0.001, weight, act),
+        *(LayerCost(f"block {i}", 0.010, weight, act) for i in range(n)),
+        LayerCost("head", 0.001, weight, 1000),
+    )
+
+
+def _profile(
+    one: float = 100.0, two_threads: float = 160.0, pair: float = 90.0, cores: int = 2, **kw: object
+) -> Profile:
+    """One process: `one` rows/s at 1 thread, `two_threads` at 2; two at once: `pair` each."""
+    layers = _layers()
+    base = {
+        "model": "m",
+        "machine": "test",
+        "cores": cores,
+        "rates": (Rate(1, 32, one), Rate(2, 32, two_threads), Rate(1, 32, pair, processes=2)),
+        "layers": layers,
+        "layer_batch": 32,
+        "weight_bytes": sum(c.weight_bytes for c in layers),
+        "worker_rss": sum(c.weight_bytes for c in layers) + RUNTIME_RESERVE,
+        "startup_s": 4.0,
+        "links": Links(shm_latency_s=1e-4, shm_bytes_per_s=1e9, allreduce_latency_s=1e-4, allreduce_bytes_per_s=1e9),
+        "strategies": ("data", "pipeline", "tensor"),
+        "tensor_ranks": (2,),
+    }
+    base.update(kw)
+    return Profile(**base)  # type: ignore[arg-type]
+
+
+def _node(cores: int = 2, memory: int = 16 * GiB, count: int = 1, speed: float = 1.0, kind: str = "n") -> NodeKind:
+    return NodeKind(kind, count, cores, memory, speed=speed)
+
+
+def _local(cores: int = 2, memory: int = 16 * GiB) -> Cluster:
+    return Cluster((_node(cores, memory),), local=True)
+
+
+def _top(plans: list[Plan]) -> Plan:
+    return next(p for p in plans if not p.refused)
+
+
+def test_interpolation_and_contention_follow_the_measurements() -> None:
+    prof = _profile()
+    assert single_rate(prof, 1, 32) == 100.0 and single_rate(prof, 2, 32) == 160.0
+    assert single_rate(prof, 1, 4) == 100.0  # flat beyond the measured batch sizes
+    assert contention(prof, 1, 1, 2) == 1.0
+    assert contention(prof, 2, 1, 2) == pytest.approx(0.9)
+    assert contention(prof, 4, 1, 2) == pytest.approx(0.9 * 2 / 4)  # oversubscribed: time-shared
+    assert bubble(2, 8) == pytest.approx(1 / 9)
+    # a ring: 2 (k-1) steps of latency, 2 (k-1)/k of the bytes over the bandwidth
+    assert allreduce_s(prof, 1e6, 2) == pytest.approx(2 * 1e-4 + 1e6 / 1e9)
+
+
+def test_data_parallel_replicas_beat_threads_when_contention_costs_less_than_threading() -> None:
+    # two one-thread replicas: 2 x 90 = 180 rows/s against one two-thread process: 160
+    plans = make_plans(_profile(), _local(), Workload(rows=18_000))
+    top = _top(plans)
+    assert (top.strategy, top.replicas, top.threads) == ("data", 2, 1)
+    assert top.rows_per_s == pytest.approx(180.0)
+    assert top.job_s == pytest.approx(18_000 / 180.0 + 4.0)
+    assert top.latency_s == pytest.approx(32 / 90.0)
+    # ... and the other way round when threads scale better than processes share the cores
+    top = _top(make_plans(_profile(two_threads=195.0), _local(), Workload(rows=1000)))
+    assert (top.strategy, top.replicas, top.threads) == ("data", 1, 2)
+
+
+def test_the_pipeline_prediction_is_the_bottleneck_stage_with_its_bubble() -> None:
+    prof = _profile()
+    plans = make_plans(prof, _local(), Workload(rows=1000, block_size=256))
+    [pipe] = [p for p in plans if p.strategy == "pipeline" and p.threads == 1]
+    assert pipe.stages == 2 and pipe.cuts == (5,)  # embedding + 4 blocks | 4 blocks + head: equal
+    per_batch = 32 / (100.0 * 0.9)  # the whole model's time for a batch, 2 busy processes
+    stage = per_batch * 0.041 / 0.082 + 1e-4 + MiB / 1e9
+    micro = 256 // 32
+    assert pipe.rows_per_s == pytest.approx(32 / stage * (1 - 1 / (micro + 1)), rel=1e-6)
+    assert pipe.latency_s == pytest.approx(2 * stage - MiB / 1e9 - 1e-4, rel=1e-6)
+    assert pipe.rows_per_s < _top(plans).rows_per_s  # data parallel is better here
+
+
+def test_a_model_larger_than_the_worker_memory_is_cut_into_enough_stages() -> None:
+    layers = _layers(weight=400 * MiB)  # 10 layers of 400 MiB: 3.9 GiB
+    prof = _profile(layers=layers, weight_bytes=10 * 400 * MiB, worker_rss=10 * 400 * MiB + RUNTIME_RESERVE)
+    node = _node(cores=4, memory=32 * GiB)
+    work = Workload(rows=1000, worker_memory=2 * GiB)
+    plans = make_plans(prof, Cluster((node,), local=True), work)
+    data = [p for p in plans if p.strategy == "data"]
+    assert data and all("--worker-memory" in p.refused for p in data)
+    top = _top(plans)
+    # 2 GiB less the 512 MiB runtime reserve holds 3 layers of 400 MiB (with stage 0's reserve, 2)
+    assert top.stages >= 4 and top.memory_bytes <= 2 * GiB
+    assert any("model 3.9 GiB > worker memory 2 GiB, so at least 4 stages" in r for r in top.reasons), top.reasons
+    assert all(p.memory_bytes <= 2 * GiB for p in plans if not p.refused)
+
+
+def test_impossible_layouts_are_refused_with_the_reason() -> None:
+    layers = _layers(weight=3 * GiB)  # every layer alone is over the limit
+    prof = _profile(layers=layers, weight_bytes=10 * 3 * GiB, worker_rss=31 * GiB)
+    plans = make_plans(prof, _local(memory=64 * GiB), Workload(rows=10, worker_memory=2 * GiB))
+    assert plans and all(p.refused for p in plans)
+    assert any("--worker-memory" in p.refused for p in plans)
+    # a node too small for the processes is named too
+    plans = make_plans(_profile(worker_rss=3 * GiB), _local(memory=4 * GiB), Workload(rows=10))
+    two = [p for p in plans if p.strategy == "data" and p.replicas == 2]
+    assert two and all("need more than n's 4 GiB" in p.refused for p in two)
+    assert _top(plans).replicas == 1
+
+
+def test_a_latency_target_chooses_tensor_parallel_and_says_what_it_costs() -> None:
+    # tensor: each rank computes half a batch; 2 x 0.9 contention; 20 all-reduces of 1 MiB
+    prof = _profile(two_threads=120.0, rates=(Rate(1, 8, 90.0), Rate(1, 32, 100.0), Rate(2, 8, 100.0),
+                                              Rate(2, 32, 120.0), Rate(1, 8, 85.0, 2), Rate(1, 32, 90.0, 2)))
+    free = _top(make_plans(prof, _local(), Workload(rows=1000)))
+    assert free.strategy == "data" and free.batch_size == 32
+    plans = make_plans(prof, _local(), Workload(rows=1000, latency_target_s=0.06))
+    top = _top(plans)
+    assert top.latency_s <= 0.06 and top.strategy == "tensor" and top.batch_size == 8
+    assert any("latency target" in r and "throughput" in r for r in top.reasons), top.reasons
+    assert all(p.latency_s > 0.06 for p in plans if p.refused and "latency target" in p.refused)
+    assert free.rows_per_s > top.rows_per_s
+
+
+def test_hybrids_rank_by_the_cost_model_on_a_four_core_node() -> None:
+    rates = (Rate(1, 32, 100.0), Rate(2, 32, 170.0), Rate(4, 32, 260.0), Rate(1, 32, 80.0, processes=4))
+    prof = _profile(rates=rates, cores=4)
+    plans = [p for p in make_plans(prof, _local(cores=4), Workload(rows=1000)) if not p.refused]
+    by_key = {(p.strategy, p.replicas, p.stages, p.ranks, p.threads): p for p in plans}
+    # 4 busy one-thread processes run at 0.8x each: 2 pipelines of 2 stages, 4 replicas, ...
+    four = by_key[("data", 4, 1, 1, 1)]
+    assert four.rows_per_s == pytest.approx(4 * 80.0)
+    hybrid = by_key[("data x pipeline", 2, 2, 1, 1)]
+    assert hybrid.processes == 4 and hybrid.rows_per_s < four.rows_per_s
+    assert ("data x tensor", 2, 1, 2, 1) in by_key
+    ranked = [p.rows_per_s for p in plans]
+    assert all(a >= b * (1 - 0.021) for a, b in zip(ranked, ranked[1:], strict=False))  # best first, ties 2%
+    assert plans[0] is four
+
+
+def test_a_cluster_sums_its_nodes_and_runs_the_best_count_on_each_kind(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[node]]\nkind = "small"\ncount = 48\ncores = 2\nmemory = "8GiB"\n\n'
+                    '[[node]]\nkind = "fast"\ncount = 16\ncores = 2\nmemory = "8GiB"\nspeed = 1.5\n'
+                    'network = "25Gbit/s"\n')
+    cluster = load_cluster(path)
+    assert cluster.node_count == 64 and not cluster.local
+    assert cluster.nodes[1].network == pytest.approx(25e9 / 8)
+    plans = make_plans(_profile(), cluster, Workload(rows=1_000_000))
+    top = _top(plans)
+    assert top.per_node == (("small", 2), ("fast", 2))
+    assert top.rows_per_s == pytest.approx(48 * 180.0 + 16 * 1.5 * 180.0)
+    assert top.replicas == 128
+    text = describe_plans(plans, _profile(), cluster, Workload(rows=1_000_000), 3)
+    assert "64" not in text.splitlines()[0] and "2/node on small" in text
+    data = plans_json(plans, _profile(), cluster, Workload(rows=1_000_000))
+    assert json.loads(json.dumps(data))["plans"][0]["per_node"] == {"small": 2, "fast": 2}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[[node]]\ncount = 2\n", "the field 'kind' is required"),
+    ('[[node]]\nkind = "a"\ncount = 0\n', "count must be an integer >= 1"),
+    ('[[node]]\nkind = "a"\ncount = 1\nspeed = -1\n', "speed must be a number > 0"),
+    ('[[node]]\nkind = "a"\ncount = 1\nmemory = "lots"\n', "expected a size like 3GiB"),
+    ('[[node]]\nkind = "a"\ncount = 1\nnetwork = "fast"\n', "expected a bandwidth like 10Gbit/s"),
+    ('[[node]]\nkind = "a"\ncount = 1\ncpus = 4\n', "unknown field 'cpus'"),
+    ('[[node]]\nkind = "a"\ncount = 1\n[[node]]\nkind = "a"\ncount = 1\n', "node kinds must be unique"),
+    ("kind = 'a'\n", "expected one or more [[node]] tables"),
+    ("[[node]\n", "not a valid TOML file"),
+])
+def test_a_bad_cluster_file_names_the_file_and_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_bandwidths_read_bits_and_bytes() -> None:
+    assert parse_bandwidth("10Gbit/s", "x") == parse_bandwidth("10Gbps", "x") == pytest.approx(1.25e9)
+    assert parse_bandwidth("1.25GB/s", "x") == pytest.approx(1.25e9)
+    assert parse_bandwidth(5e8, "x") == 5e8
+
+
+def test_a_profile_survives_its_json_round_trip(tmp_path: Path) -> None:
+    prof = _profile()
+    prof.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == prof
+    (tmp_path / "bad.json").write_text("{")
+    assert Profile.load(tmp_path / "bad.json") is None
