@@ -23,21 +23,13 @@ from ..planning import (
     min_stages_for_memory,
     parse_memory,
 )
+from ..planning.costmodel import HEAD_RESERVE, RUNTIME_RESERVE
 
 if TYPE_CHECKING:
     from ..messages import Strategy
     from ..models.family import ModelSpec
 
 __all__ = ["HEAD_RESERVE", "RUNTIME_RESERVE", "Layout", "choose_plan", "plan_layout", "usable_memory"]
-
-#: Memory each worker process needs beyond weights and activations: Python, torch and the
-#: allocator's slack. A stage of the 1B decoder measured about 0.45 GiB above its planned size.
-RUNTIME_RESERVE = 512 * 2**20
-
-#: Stage 0 of a pipeline is also the worker process: it reads and tokenises each block,
-#: collects every micro-batch's outputs and writes the part. On the 1B decoder it peaked
-#: about 0.3 GiB above the other stages, so its first layer is charged this much more.
-HEAD_RESERVE = 320 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
