@@ -146,7 +146,8 @@ def test_ctrl_c_then_the_same_command_resumes(vectors: tuple[Path, np.ndarray], 
     out = tmp_path / "out"
     args = [sys.executable, "-m", "distinfer.cli", "run", "--model", "toy_models:slow_mlp", "--input",
             str(path), "--output", str(out), "--workers", "2", "--batch-size", "16", "--block-size", "64"]
-    env = {**os.environ, "PYTHONPATH": str(HELPERS), "TOY_DELAY_S": "0.1"}
+    # 0.3 s a batch: the job has seconds left when the signal comes, even on a loaded machine
+    env = {**os.environ, "PYTHONPATH": str(HELPERS), "TOY_DELAY_S": "0.3"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
