@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _bench_parser(sub)
     _plan_parser(sub)
+    from .simulation.cli import add_parser as _simulate_parser
+
+    _simulate_parser(sub)
     sub.add_parser("models", help="list the model families (built-in models, ONNX files, PyTorch models)")
     return parser
 
@@ -321,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if command == "plan":
             return _cmd_plan(args)
+        if command == "simulate":
+            from .simulation.cli import run as _cmd_simulate
+
+            return _cmd_simulate(args)
         from .models.families import FAMILIES
 
         for family in FAMILIES:

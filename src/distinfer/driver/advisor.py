@@ -80,6 +80,13 @@ AUTO_FIELDS = ("workers", "threads_per_worker", "batch_size", "stages", "tensor_
 
 def auto_layout(config: RunConfig, given: set[str]) -> tuple[RunConfig, str]:
     """`config` with the top plan's layout, and the line saying what was chosen and why."""
+    from ..models.families import parse_model
+
+    if parse_model(config.model).family.generates:
+        return replace(config, strategy="data"), (
+            "--strategy auto: text generation is not planned yet, so data parallel "
+            f"({config.workers} replicas); give --strategy to choose"
+        )
     advice = advise(
         config.model, config.input, worker_memory=config.worker_memory,
         block_size=config.block_size or 1024, input_format=config.input_format, column=config.column,

@@ -16,7 +16,7 @@ be reproduced from a list of events alone, and the same list always yields the s
   victim, `Assign` to the thief). A block whose `BlockStarted` was seen is never stolen.
   A victim may have started the block before the `Cancel` reached it; both copies may then
   run, and the first `BlockDone` wins: block output is idempotent, so a duplicate costs time,
-  never correctness.
+  never correctness. `steal=False` turns stealing off (the simulator shows what it is worth).
 * Workers' life cycle is the `Supervisor`'s (supervisor.py, shared with the server): ready,
   unusable (`WorkerFailed`: stopped at once, replaced unless fatal; a fatal one fails the job
   with its error), lost (replaced), fresh ids (max id ever + 1), at most `max_restarts`
@@ -51,11 +51,16 @@ Worked example (prefetch=2, blocks {0: 100, 1: 100, 2: 100, 3: 50}, workers [0, 
     BlockDone(2, 2)            -> StopWorker(0), StopWorker(2), Finish(None)
 
 Cost: an event on the common path (`BlockDone` and the `Assign` topping the queue up) is a
-few dict/deque operations; only stealing (at the tail) and failures scan the workers.
+few dict/deque operations. Stealing finds its victim in a lazy max-heap of (not-started rows,
+start order) built when the first worker runs dry with nothing pending; an entry is an upper
+bound, checked against the victim's queue when it reaches the top, so a steal costs
+O(log workers) amortised, not a scan. A block going back to pending drops the heap (it is
+rebuilt at the next steal). Failures still scan the workers (`_spread`), once per loss.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +100,8 @@ class SchedulerConfig:
     start_timeout_s: float = 600.0
     """No worker ready for this long (since start, or since a loss left none) fails the job;
     a replacement still loading this long after its start is stopped and replaced."""
+    steal: bool = True
+    """Tail stealing: a worker that runs dry takes a not-started block from the fullest queue."""
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -137,12 +144,15 @@ class Scheduler:
         "_done_rows",
         "_error",
         "_finished",
+        "_order",
         "_owner",
         "_pending",
         "_prefetch",
         "_queues",
         "_rows",
         "_started",
+        "_steal_heap",
+        "_stealing",
         "_sup",
         "_total_rows",
     )
@@ -180,6 +190,12 @@ class Scheduler:
         # tie-break everywhere, which is what makes the actions deterministic. The keys mirror
         # the supervisor's live workers (who is ready, replacements, timeouts are its books).
         self._queues: dict[int, deque[int]] = {w: deque() for w in workers}
+        # Start order of every worker that had a queue: the steal heap's tie-break.
+        self._order: dict[int, int] = {w: i for i, w in enumerate(self._queues)}
+        self._stealing = config.steal
+        # (-stealable rows, start order, worker): each entry an upper bound of that worker's
+        # stealable rows; None until a steal needs it and again whenever pending grows.
+        self._steal_heap: list[tuple[int, int, int]] | None = None
         self._sup = Supervisor(
             workers,
             SupervisorConfig(config.max_restarts, config.start_timeout_s, time_first_starts=False),
@@ -373,6 +389,7 @@ class Scheduler:
                 )
             )
         self._pending.appendleft(block)
+        self._steal_heap = None  # queues fill from pending again: rebuilt at the next steal
         actions: list[Action] = []
         self._spread(actions)
         return actions
@@ -409,27 +426,51 @@ class Scheduler:
                 owner[block] = worker
                 actions.append(Assign(worker, block))
                 room -= 1
-        if not queue:
+        if not queue and self._stealing:
             self._steal(worker, actions)
 
-    def _steal(self, thief: int, actions: list[Action]) -> None:
+    def _stealable(self, queue: deque[int]) -> int:
+        """Rows of the queue's not-started blocks; -1 when there are none, so that a queue of
+        zero-row blocks still counts."""
         rows = self._rows
         started = self._started
-        victim: deque[int] | None = None
-        victim_id = thief
-        best = -1
-        for worker, queue in self._queues.items():
-            if worker == thief or not queue:
-                continue
-            # -1 = nothing stealable, so that a queue of zero-row blocks still counts.
-            stealable = -1
-            for block in queue:
-                if block not in started:
-                    stealable = rows[block] if stealable < 0 else stealable + rows[block]
-            if stealable > best:  # strict: ties go to the earliest-started worker
-                best, victim, victim_id = stealable, queue, worker
-        if victim is None:
+        stealable = -1
+        for block in queue:
+            if block not in started:
+                stealable = rows[block] if stealable < 0 else stealable + rows[block]
+        return stealable
+
+    def _victim(self, thief: int) -> int | None:
+        """The worker with the most not-started rows queued, ties to the earliest started (the
+        thief's own queue is empty); None when nothing is stealable.
+
+        Nothing is pending while the heap lives, so a queue only grows by a steal (which pushes
+        a fresh entry): entries are upper bounds, and one that is still exact at the top wins."""
+        heap = self._steal_heap
+        queues = self._queues
+        if heap is None:
+            order = self._order
+            heap = [(-s, order[w], w) for w, q in queues.items() if q and (s := self._stealable(q)) >= 0]
+            heapq.heapify(heap)
+            self._steal_heap = heap
+        while heap:
+            negative, order_index, worker = heap[0]
+            queue = queues.get(worker)
+            actual = -1 if queue is None or worker == thief else self._stealable(queue)
+            if actual == -negative:
+                return worker
+            if actual >= 0:
+                heapq.heapreplace(heap, (-actual, order_index, worker))
+            else:
+                heapq.heappop(heap)
+        return None
+
+    def _steal(self, thief: int, actions: list[Action]) -> None:
+        started = self._started
+        victim_id = self._victim(thief)
+        if victim_id is None:
             return
+        victim = self._queues[victim_id]
         # The last one: the block the victim would reach latest, and the one least likely to
         # have been started already with the BlockStarted still on its way.
         index = len(victim) - 1
@@ -439,6 +480,13 @@ class Scheduler:
         del victim[index]
         self._owner[block] = thief
         self._queues[thief].append(block)
+        heap = self._steal_heap
+        if heap is not None:
+            heapq.heappop(heap)  # the victim's entry, exact and on top
+            for worker in (victim_id, thief):
+                stealable = self._stealable(self._queues[worker])
+                if stealable >= 0:
+                    heapq.heappush(heap, (-stealable, self._order[worker], worker))
         actions.append(Cancel(victim_id, block))
         actions.append(Assign(thief, block))
 
@@ -483,6 +531,7 @@ class Scheduler:
         for outcome in outcomes:
             if isinstance(outcome, StartWorker):
                 self._queues[outcome.worker] = deque()
+                self._order[outcome.worker] = len(self._order)
                 actions.append(outcome)
             elif isinstance(outcome, StopWorker):
                 actions.append(outcome)
@@ -521,6 +570,8 @@ class Scheduler:
                 if attempts >= max_attempts and poison is None:
                     poison = block
         self._pending.extendleft(reversed(queue))
+        if queue:
+            self._steal_heap = None  # queues fill from pending again: rebuilt at the next steal
         return poison
 
     def _poisoned(self, block: int, reason: str) -> ErrorInfo:

@@ -11,9 +11,11 @@ trip to this server.
 
 Admission predicts a request's time to first token from what is ahead of it: the queue, and
 when each replica's places free (a running sequence's remaining tokens times that replica's
-measured time per token), plus its prompt at the replica's measured prefill rate. A request
-that cannot start within its deadline, or finds the queue full, is refused at once (429
-with Retry-After). An admitted request is never dropped for a later one.
+measured time per token), plus the prompts handed to a replica but not yet prefilled and its
+own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
+tokens of earlier requests were from their predictions (a smoothed ratio), which covers what
+the rates miss under load. A request that cannot start within its deadline, or finds the
+queue full, is refused at once (429 with Retry-After). An admitted request is never dropped for a later one.
 
 A replica that is lost is replaced (the life cycle is `InferenceServer`'s). Its sequences
 that had not yet sent a token to a streaming client, and non-streamed ones, are retried once
@@ -37,6 +39,9 @@ from .server import InferenceServer, _Replica
 
 __all__ = ["GenerationServer", "TextStream"]
 
+TTFT_SMOOTH = 0.2  # how fast admission's calibration follows the measured first tokens
+TTFT_FLOOR_S = 0.05  # a prediction below this is compared as this (no huge ratios from ~0)
+
 
 @dataclass(eq=False)
 class TextStream:
@@ -56,6 +61,7 @@ class TextStream:
     error_status: int = 500  # 500 the replica's generation failed, 503 the server's doing
     first_at: float | None = None
     last_at: float | None = None
+    predicted_s: float | None = None  # the first token's wait admission predicted (uncalibrated)
 
     @property
     def id(self) -> int:
@@ -104,6 +110,7 @@ class GenerationServer(InferenceServer):
         self.waiting: deque[TextStream] = deque()
         self.streams: dict[int, TextStream] = {}
         self._next_id = 0
+        self._ttft_scale = 1.0  # measured over predicted first-token waits (see _calibrate)
 
     def _new_replica(self, worker: int) -> _Replica:
         return _TextReplica(worker)
@@ -144,7 +151,9 @@ class GenerationServer(InferenceServer):
         now = self.loop.time()
         pieces: asyncio.Queue[msg.Piece] = asyncio.Queue()
         streams = [TextStream(o, streaming, now, pieces) for o in orders]
+        raw = None if predicted is None else predicted / self._ttft_scale
         for s in streams:
+            s.predicted_s = raw
             self.streams[s.id] = s
             self.waiting.append(s)
         self.metrics.waiting.set(len(self.waiting))
@@ -187,12 +196,20 @@ class GenerationServer(InferenceServer):
         free_at.sort()
         token_s = sum(r.token_s for r in replicas) / len(replicas)
         prefill_s = sum(r.prefill_token_s for r in replicas) / len(replicas)
+        # prompts handed to a replica and not yet prefilled go first (the least loaded replica's)
+        queued = min(sum(len(s.order.prompt) for s in r.assigned.values() if s.tokens == 0) for r in replicas)
         if ahead < len(free_at):
             wait = free_at[ahead]
         else:  # beyond the running sequences: each round of places takes a typical sequence
             typical = sum(s.order.max_tokens for s in self.waiting) / max(1, len(self.waiting))
             wait = free_at[ahead % len(free_at)] + (ahead // len(free_at)) * typical * token_s
-        return wait + prompt_tokens * prefill_s + token_s
+        return (wait + (queued + prompt_tokens) * prefill_s + token_s) * self._ttft_scale
+
+    def _calibrate(self, ratio: float) -> None:
+        """Scale later predictions by how far the measured first tokens were from theirs: the
+        rates the replicas report miss what a loaded step costs (prefill chunks, queueing)."""
+        ratio = min(max(ratio, 0.5), 10.0)
+        self._ttft_scale = (1 - TTFT_SMOOTH) * self._ttft_scale + TTFT_SMOOTH * ratio
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -251,6 +268,8 @@ class GenerationServer(InferenceServer):
             if stream.first_at is None:
                 stream.first_at = now
                 self.metrics.ttft.observe(now - stream.arrived, model=self.name)
+                if stream.predicted_s and stream.attempts == 1:
+                    self._calibrate((now - stream.arrived) / max(stream.predicted_s, TTFT_FLOOR_S))
                 self.metrics.prompt_tokens.inc(stream.prompt_tokens, model=self.name)
             stream.tokens += piece.tokens
             stream.last_at = now

@@ -34,8 +34,9 @@ class TextServing:
         self._pending: list[Piece] = []  # pieces not yet reported (a refused request's)
         self._changed = False  # a sequence was stopped: the freed pages are worth a report
         self._stopped: set[int] = set()  # stopped before their start arrived (orders may cross)
-        self.token_s = 0.0
-        self.prefill_token_s = 0.0
+        self.token_s = 0.0  # between a sequence's tokens
+        self.prefill_token_s = 0.0  # what a step's prompt tokens add to it, per token
+        self._decode_step_s = 0.0  # a step with no prompt tokens
         self._busy = 0.0
 
     @property
@@ -89,6 +90,7 @@ class TextServing:
         pieces, self._pending, self._changed = self._pending, [], False
         if self.engine.busy:
             t = time.perf_counter()
+            prefilled = self.engine.stats.prompt_tokens
             try:
                 events = self.engine.step()
             except Exception as exc:  # every sequence in the engine fails with the step
@@ -100,6 +102,7 @@ class TextServing:
                 events = []
             now = time.perf_counter()
             self._busy += now - t
+            self._measure(now - t, self.engine.stats.prompt_tokens - prefilled)
             for e in events:
                 pieces.append(self._piece(e.id, e.text, e.finish, now))
         e = self.engine
@@ -125,13 +128,20 @@ class TextServing:
         last = self._last_token.get(rid)
         if last is not None:
             self.token_s = _mix(self.token_s, now - last)
-        elif seq is not None and seq.started_at is not None:  # its first token: prefill measured
-            per_token = (now - seq.started_at) / max(1, len(seq.request.prompt))
-            self.prefill_token_s = _mix(self.prefill_token_s, per_token)
         self._last_token[rid] = now
         if finish is not None:
             self._forget(rid)
         return Piece(rid, text, tokens, finish)
+
+    def _measure(self, step_s: float, prefilled: int) -> None:
+        """The prefill rate from the steps' times: a step with prompt tokens costs what a
+        decode step costs plus its prompt tokens (a sequence's first token waits for that,
+        not for the steps of the sequences queued before it, which admission counts apart)."""
+        if prefilled <= 0:
+            self._decode_step_s = _mix(self._decode_step_s, step_s)
+            return
+        extra = max(step_s - self._decode_step_s, 0.25 * step_s)
+        self.prefill_token_s = _mix(self.prefill_token_s, extra / prefilled)
 
     def _forget(self, rid: int) -> None:
         self._live.pop(rid, None)
