@@ -14,8 +14,9 @@ when each replica's places free (a running sequence's remaining tokens times tha
 measured time per token), plus the prompts handed to a replica but not yet prefilled and its
 own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
 tokens of earlier requests were from their predictions (a smoothed ratio), which covers what
-the rates miss under load. A request that cannot start within its deadline, or finds the
-queue full, is refused at once (429 with Retry-After). An admitted request is never dropped for a later one.
+the rates miss under load. A request that cannot start within its deadline (less the same
+25% margin as the KServe route's admission), or finds the queue full, is refused at once
+(429 with Retry-After). An admitted request is never dropped for a later one.
 
 A replica that is lost is replaced (the life cycle is `InferenceServer`'s). Its sequences
 that had not yet sent a token to a streaming client, and non-streamed ones, are retried once
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from .. import messages as msg
 from ..backends.base import Backend
 from ..scheduling.supervisor import Retired
-from .batcher import Shed
+from .batcher import DEADLINE_MARGIN, Shed
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .server import InferenceServer, _Replica
@@ -139,7 +140,7 @@ class GenerationServer(InferenceServer):
             )
         longest = max(len(o.prompt) for o in orders)
         predicted = self.predict_first_token_s(longest, len(orders))
-        if predicted is not None and predicted > self.deadline_s:
+        if predicted is not None and predicted > self.deadline_s * (1 - DEADLINE_MARGIN):
             retry = max(1, math.ceil(predicted - self.deadline_s))
             raise Shed(
                 429,
