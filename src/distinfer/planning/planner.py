@@ -254,13 +254,16 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
             f"the whole model fits one process ({format_bytes(plan.memory_bytes)} of "
             f"{format_bytes(limit)}), and data parallel replicas never talk to each other"
         )
-    per_node = plan.replicas // max(1, cluster.node_count) if not cluster.local else plan.replicas
-    busy = per_node * plan.stages * plan.ranks
-    if busy > 1:
-        kappa = contention(profile, busy, plan.threads, node.cores)
+    counts = dict(plan.per_node)
+    for kind in cluster.nodes:
+        busy = counts.get(kind.kind, plan.replicas) * plan.stages * plan.ranks
+        if busy <= 1:
+            continue
+        kappa = contention(profile, busy, plan.threads, kind.cores)
+        where = "" if cluster.local else f" on {kind.kind}"
         out.append(
-            f"{busy} busy processes of {plan.threads} thread(s) per node run at {kappa:.2f}x "
-            "their speed alone (measured contention)"
+            f"{busy} busy processes of {plan.threads} thread(s){where} run at {kappa:.2f}x "
+            f"their speed alone (contention measured with up to {profile.cores} busy cores)"
         )
     if plan.stages > 1:
         micro = max(1, math.ceil(work.block_size / plan.batch_size))
