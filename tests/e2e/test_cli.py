@@ -148,7 +148,10 @@ def test_ctrl_c_then_the_same_command_resumes(vectors: tuple[Path, np.ndarray], 
             str(path), "--output", str(out), "--workers", "2", "--batch-size", "16", "--block-size", "64"]
     # 0.3 s a batch: the job has seconds left when the signal comes, even on a loaded machine
     env = {**os.environ, "PYTHONPATH": str(HELPERS), "TOY_DELAY_S": "0.3"}
-    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (nohup ... &) starts
+    # with SIGINT ignored, and Python keeps an ignored SIGINT ignored
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
