@@ -419,16 +419,23 @@ def machine_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_s(pid: int | None) -> float | None:
-    """CPU seconds of a process and its live descendants."""
-    if pid is None:
-        return None
+def process_tree(pid: int) -> list[Any] | None:
+    """The process and its live descendants (psutil), None when it is gone."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
+        return None
+
+
+def tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of a process and its live descendants."""
+    import psutil
+
+    procs = None if pid is None else process_tree(pid)
+    if procs is None:
         return None
     total = 0.0
     for p in procs:
@@ -613,10 +620,8 @@ def rss_mib(pid: int) -> float | None:
     """Resident memory of the process and all its descendants, MiB."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
+    procs = process_tree(pid)
+    if procs is None:
         return None
     total = 0
     for p in procs:

@@ -10,8 +10,9 @@ same preparation and batching (`run_block`), threads pinned before torch loads.
    rows/s, the measured contention.
 3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
    that can be cut into stages.
-4. The links: a shared-memory copy's bandwidth and a pipe's round trip between processes;
-   with tensor parallelism, a gloo all-reduce's latency and bandwidth between two ranks.
+4. The links: a memory copy's bandwidth (what a shared-memory slot costs) and a pipe's
+   round trip between processes. The all-reduce figures are derived from these (twice the
+   latency, a quarter of the bandwidth), not measured: a gloo measurement is still to come.
 """
 
 from __future__ import annotations
