@@ -13,10 +13,10 @@ Admission predicts a request's time to first token from what is ahead of it: the
 when each replica's places free (a running sequence's remaining tokens times that replica's
 measured time per token), plus the prompts handed to a replica but not yet prefilled and its
 own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
-tokens of earlier requests were from their predictions (a smoothed ratio), which covers what
-the rates miss under load. A request that cannot start within its deadline (less the same
-25% margin as the KServe route's admission), or finds the queue full, is refused at once
-(429 with Retry-After). An admitted request is never dropped for a later one.
+tokens of earlier requests were from their predictions (the 90th percentile of the last 20
+ratios), which covers what the rates miss under load. A request that cannot start within its
+deadline (less the same 25% margin as the KServe route's admission), or finds the queue
+full, is refused at once (429 with Retry-After). An admitted request is never dropped for a later one.
 
 A replica that is lost is replaced (the life cycle is `InferenceServer`'s). Its sequences
 that had not yet sent a token to a streaming client, and non-streamed ones, are retried once
@@ -40,7 +40,8 @@ from .server import InferenceServer, _Replica
 
 __all__ = ["GenerationServer", "TextStream"]
 
-TTFT_SMOOTH = 0.2  # how fast admission's calibration follows the measured first tokens
+TTFT_WINDOW = 20  # admission's calibration: the last first tokens' measured/predicted ratios
+TTFT_QUANTILE = 0.9  # ... of which this quantile scales the predictions (the tail, not the mean)
 TTFT_FLOOR_S = 0.05  # a prediction below this is compared as this (no huge ratios from ~0)
 
 
@@ -112,6 +113,7 @@ class GenerationServer(InferenceServer):
         self.streams: dict[int, TextStream] = {}
         self._next_id = 0
         self._ttft_scale = 1.0  # measured over predicted first-token waits (see _calibrate)
+        self._ttft_ratios: deque[float] = deque(maxlen=TTFT_WINDOW)
 
     def _new_replica(self, worker: int) -> _Replica:
         return _TextReplica(worker)
@@ -208,9 +210,11 @@ class GenerationServer(InferenceServer):
 
     def _calibrate(self, ratio: float) -> None:
         """Scale later predictions by how far the measured first tokens were from theirs: the
-        rates the replicas report miss what a loaded step costs (prefill chunks, queueing)."""
-        ratio = min(max(ratio, 0.5), 10.0)
-        self._ttft_scale = (1 - TTFT_SMOOTH) * self._ttft_scale + TTFT_SMOOTH * ratio
+        rates the replicas report miss what a loaded step costs (prefill chunks, queueing).
+        The scale is an upper quantile of the last ratios, not their mean: a deadline is kept
+        by the slow first tokens (an admitted p99), and a mean lets every other one be late."""
+        self._ttft_ratios.append(min(max(ratio, 0.5), 10.0))
+        self._ttft_scale = calibration_scale(self._ttft_ratios)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -335,3 +339,11 @@ class GenerationServer(InferenceServer):
         for stream in list(self.streams.values()):
             self._fail_stream(stream, "the server shut down before the stream ended; retry on another one")
         self.waiting.clear()
+
+
+def calibration_scale(ratios: deque[float] | list[float]) -> float:
+    """The `TTFT_QUANTILE` of the measured/predicted ratios (nearest rank); 1 before any."""
+    if not ratios:
+        return 1.0
+    ordered = sorted(ratios)
+    return ordered[min(len(ordered) - 1, math.ceil(TTFT_QUANTILE * len(ordered)) - 1)]

@@ -1,0 +1,87 @@
+"""Admission for generation: a request is refused at once when its first token would come
+past its deadline, and the prediction learns from the first tokens measured (the slow ones)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tests.helpers.fake_serving import FakeBackend
+
+from distinfer import messages as msg
+from distinfer.serving.batcher import Shed
+from distinfer.serving.config import ServeConfig
+from distinfer.serving.generation import TTFT_WINDOW, GenerationServer, _TextReplica, calibration_scale
+from distinfer.serving.metrics import ServerMetrics
+
+
+def test_the_scale_is_the_slow_tail_of_the_ratios_not_their_mean() -> None:
+    assert calibration_scale([]) == 1.0
+    assert calibration_scale([1.0] * 19 + [8.0]) == 1.0  # one slow first token in 20: noise
+    assert calibration_scale([1.0] * 17 + [3.0, 3.0, 3.0]) == 3.0  # three in 20: the tail to keep
+    assert calibration_scale([2.0]) == 2.0
+
+
+def on_server(check: Callable[[GenerationServer], Any]) -> Any:
+    """Run `check` on a generation server with one ready replica (16 places, 50 ms a token,
+    2 ms a prompt token, nothing running) and a 2 s deadline; no process is started."""
+
+    async def main() -> Any:
+        config = ServeConfig(model="gemma3-270m", replicas=1, timeout_ms=2000.0, max_queue=64)
+        server = GenerationServer(config, FakeBackend(), ServerMetrics(), "gemma3-270m", "generate")
+        replica = server.replicas[0]
+        assert isinstance(replica, _TextReplica)
+        replica.ready, replica.max_running, replica.kv_pages, replica.free_pages = True, 16, 64, 64
+        replica.token_s, replica.prefill_token_s = 0.05, 0.002
+        server.started = True
+        server._dispatch = lambda: None  # type: ignore[method-assign]  # keep requests queued
+        return check(server)
+
+    return asyncio.run(main())
+
+
+def order(server: GenerationServer, prompt: int = 100, max_tokens: int = 64) -> msg.Generate:
+    return msg.Generate(server.new_id(), tuple(range(prompt)), max_tokens)
+
+
+def test_an_idle_replica_admits_and_its_prediction_is_the_prompt_at_the_prefill_rate() -> None:
+    def check(server: GenerationServer) -> float | None:
+        (stream,) = server.submit_text([order(server)], streaming=True)
+        return stream.predicted_s
+
+    assert on_server(check) == pytest.approx(100 * 0.002 + 0.05)
+
+
+def test_first_tokens_slower_than_predicted_make_admission_shed_what_it_admitted_before() -> None:
+    def check(server: GenerationServer) -> tuple[int, int]:
+        # 16 places busy for 20 more tokens each (1 s), then 16 requests queued
+        replica = server.replicas[0]
+        assert isinstance(replica, _TextReplica)
+        for _ in range(16):
+            s = server.submit_text([order(server, max_tokens=21)], streaming=True)[0]
+            server.waiting.remove(s)
+            s.state, s.tokens = "running", 1
+            replica.assigned[s.id] = s
+        admitted_before = 0
+        try:
+            while True:
+                server.submit_text([order(server)], streaming=True)
+                admitted_before += 1
+        except Shed as shed:
+            assert shed.status == 429 and "deadline" in shed.message
+        server.waiting.clear()
+        for _ in range(TTFT_WINDOW):  # measured first tokens came 3x later than predicted
+            server._calibrate(3.0)
+        admitted_after = 0
+        try:
+            while True:
+                server.submit_text([order(server)], streaming=True)
+                admitted_after += 1
+        except Shed as shed:
+            assert shed.status == 429 and shed.retry_after >= 1
+        return admitted_before, admitted_after
+
+    before, after = on_server(check)
+    assert before > 0 and after < before
