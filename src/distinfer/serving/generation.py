@@ -14,7 +14,8 @@ when each replica's places free (a running sequence's remaining tokens times tha
 measured time per token), plus the prompts handed to a replica but not yet prefilled and its
 own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
 tokens of earlier requests were from their predictions (the 90th percentile of the last 20
-ratios), which covers what the rates miss under load. A request that cannot start within its
+ratios, a prediction under half the allowed wait counted as that), which covers what the
+rates miss under load. A request that cannot start within its
 deadline (less the same 25% margin as the KServe route's admission), or finds the queue
 full, is refused at once (429 with Retry-After). An admitted request is never dropped for a later one.
 
@@ -42,7 +43,6 @@ __all__ = ["GenerationServer", "TextStream"]
 
 TTFT_WINDOW = 20  # admission's calibration: the last first tokens' measured/predicted ratios
 TTFT_QUANTILE = 0.9  # ... of which this quantile scales the predictions (the tail, not the mean)
-TTFT_FLOOR_S = 0.05  # a prediction below this is compared as this (no huge ratios from ~0)
 
 
 @dataclass(eq=False)
@@ -208,6 +208,13 @@ class GenerationServer(InferenceServer):
             wait = free_at[ahead % len(free_at)] + (ahead // len(free_at)) * typical * token_s
         return (wait + (queued + prompt_tokens) * prefill_s + token_s) * self._ttft_scale
 
+    def _ttft_floor(self) -> float:
+        """A prediction below this is compared as this: half the wait admission allows. What
+        matters is how wrong the predictions near the shedding threshold are; a first token
+        predicted in 0.1 s that takes 0.4 s (a loaded step) says nothing about one predicted
+        in 1.5 s, and as a ratio it would shed requests that would have kept their deadline."""
+        return 0.5 * self.deadline_s * (1 - DEADLINE_MARGIN)
+
     def _calibrate(self, ratio: float) -> None:
         """Scale later predictions by how far the measured first tokens were from theirs: the
         rates the replicas report miss what a loaded step costs (prefill chunks, queueing).
@@ -273,8 +280,8 @@ class GenerationServer(InferenceServer):
             if stream.first_at is None:
                 stream.first_at = now
                 self.metrics.ttft.observe(now - stream.arrived, model=self.name)
-                if stream.predicted_s and stream.attempts == 1:
-                    self._calibrate((now - stream.arrived) / max(stream.predicted_s, TTFT_FLOOR_S))
+                if stream.predicted_s is not None and stream.attempts == 1:
+                    self._calibrate((now - stream.arrived) / max(stream.predicted_s, self._ttft_floor()))
                 self.metrics.prompt_tokens.inc(stream.prompt_tokens, model=self.name)
             stream.tokens += piece.tokens
             stream.last_at = now
