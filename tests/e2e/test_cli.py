@@ -15,8 +15,10 @@ import pytest
 HELPERS = Path(__file__).parent.parent / "helpers"
 
 
-def distinfer(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def distinfer(*args: str, cwd: Path | None = None, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(HELPERS)}
+    if cache is not None:
+        env["DISTINFER_CACHE"] = str(cache)
     return subprocess.run(
         [sys.executable, "-m", "distinfer.cli", *args], capture_output=True, text=True,
         timeout=300, env=env, cwd=cwd,
@@ -136,6 +138,29 @@ def test_plan_explicit_cuts_and_impossible_memory_limit() -> None:
     line = one_line_error(distinfer("plan", "--model", "decoder-tiny", "--worker-memory", "100KiB",
                                     "--batch-size", "2", "--seq-len", "8"))
     assert "--worker-memory" in line
+
+
+def test_plan_measures_once_and_run_auto_takes_the_top_plan(small_corpus: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = distinfer("plan", "--model", "decoder-tiny", "--input", str(small_corpus), "--json", cache=cache)
+    assert first.returncode == 0, first.stderr
+    assert "profiling decoder-tiny" in first.stderr
+    assert len(list((cache / "profiles").glob("*.json"))) == 1
+    plans = json.loads(first.stdout)["plans"]
+    top = next(p for p in plans if not p["refused"])
+    assert top["rows_per_s"] > 0 and top["latency_s"] > 0 and top["memory_bytes"] > 0 and top["reasons"]
+    again = distinfer("plan", "--model", "decoder-tiny", "--input", str(small_corpus), cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert "profiling" not in again.stderr  # the cached profile
+    ranked = [line.split() for line in again.stdout.splitlines() if line[:2] == "1 "]
+    assert ranked and ranked[0][1] == top["strategy"].split(" x ")[0]
+    out = tmp_path / "out"
+    run = distinfer("run", "--model", "decoder-tiny", "--input", str(small_corpus), "--output", str(out),
+                    "--strategy", "auto", cache=cache)
+    assert run.returncode == 0, run.stderr
+    assert "--strategy auto chose " + top["strategy"] in run.stderr and "profiling" not in run.stderr
+    table = ds.dataset(str(out)).to_table()
+    assert sorted(table.column("row").to_pylist()) == list(range(300))
 
 
 def test_ctrl_c_then_the_same_command_resumes(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:

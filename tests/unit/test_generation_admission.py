@@ -13,7 +13,13 @@ from tests.helpers.fake_serving import FakeBackend
 from distinfer import messages as msg
 from distinfer.serving.batcher import Shed
 from distinfer.serving.config import ServeConfig
-from distinfer.serving.generation import TTFT_WINDOW, GenerationServer, _TextReplica, calibration_scale
+from distinfer.serving.generation import (
+    TTFT_HORIZON_S,
+    TTFT_WINDOW,
+    GenerationServer,
+    _TextReplica,
+    calibration_scale,
+)
 from distinfer.serving.metrics import ServerMetrics
 
 
@@ -101,3 +107,22 @@ def test_first_tokens_slower_than_predicted_make_admission_shed_what_it_admitted
 
     before, after = on_server(check)
     assert before > 0 and after < before
+
+
+def test_an_idle_server_admits_whatever_it_learnt_under_load_and_the_lesson_expires() -> None:
+    def check(server: GenerationServer) -> tuple[float, float]:
+        for _ in range(TTFT_WINDOW):  # first tokens came 10x later than predicted, under load
+            server._calibrate(10.0)
+        (stream,) = server.submit_text([order(server, prompt=500)], streaming=True)  # idle: admitted
+        assert stream.predicted_s is not None
+        with pytest.raises(Shed):  # not idle any more: 0.05 + 1 s, x10
+            server.submit_text([order(server, prompt=500)], streaming=True)
+        server.waiting.clear()
+        scaled = server._ttft_scale
+        server._ttft_ratios = type(server._ttft_ratios)(
+            ((t - TTFT_HORIZON_S - 1, r) for t, r in server._ttft_ratios), maxlen=TTFT_WINDOW
+        )  # as if measured more than the horizon ago
+        server.predict_first_token_s(10)
+        return scaled, server._ttft_scale
+
+    assert on_server(check) == (10.0, 1.0)

@@ -209,3 +209,22 @@ def test_a_profile_survives_its_json_round_trip(tmp_path: Path) -> None:
     assert Profile.load(tmp_path / "p.json") == prof
     (tmp_path / "bad.json").write_text("{")
     assert Profile.load(tmp_path / "bad.json") is None
+
+
+def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path: Path) -> None:
+    from distinfer.data.sources import open_source, read_block
+    from distinfer.driver.profiling import SAMPLE_CHUNKS, _sample_blocks
+
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"row {i}\n" for i in range(10_000)), encoding="utf-8")
+    source = open_source(str(path))
+    blocks = _sample_blocks(source, 256)
+    assert len(blocks) == SAMPLE_CHUNKS and all(b.rows == 256 // SAMPLE_CHUNKS for b in blocks)
+    starts = [b.start for b in blocks]
+    assert starts == sorted(set(starts)) and starts[0] == 0
+    assert starts[-1] > 10_000 * (SAMPLE_CHUNKS - 1) / SAMPLE_CHUNKS - 256  # the tail is sampled too
+    last = read_block(source, blocks[-1], ["text"])["text"]
+    assert list(last) == [f"row {i}" for i in range(blocks[-1].start, blocks[-1].stop)]
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"row {i}\n" for i in range(100)), encoding="utf-8")
+    assert [(b.start, b.stop) for b in _sample_blocks(open_source(str(short)), 256)] == [(0, 100)]

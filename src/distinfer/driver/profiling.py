@@ -3,8 +3,9 @@
 Every figure is measured in fresh spawned processes, as a worker runs: the same runner, the
 same preparation and batching (`run_block`), threads pinned before torch loads.
 
-1. One process alone at 1 thread and at all cores, over `sample` rows of the input, at
-   each batch size: rows/s. The first one also gives the start-up cost (spawn, imports,
+1. One process alone at 1 thread and at all cores, over `sample` rows of the input (in
+   runs spread over the whole input), at each batch size: rows/s of a worker's whole pass
+   over them (read, run, write a part). The first one also gives the start-up cost (spawn, imports,
    the model's load) and a worker's peak memory.
 2. `cores` one-thread processes at once, started together after all have loaded: each one's
    rows/s, the measured contention.
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..data.blocks import Block
+from ..data.sources import SourceSpec
 from ..errors import DistinferError, ModelError
 from ..logs import log
 from ..planning.cluster import this_machine
@@ -32,6 +36,7 @@ from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
 __all__ = ["ProfileRequest", "get_profile"]
 
 MIN_SECONDS = 1.0  # each rate is timed over whole passes of the sample, at least this long
+SAMPLE_CHUNKS = 8  # the sample is this many runs of rows, spread over the input
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +51,31 @@ class ProfileRequest:
     seq_len: int = 64
 
 
+def _sample_blocks(source: SourceSpec, sample: int) -> list[Block]:
+    """About `sample` rows in `SAMPLE_CHUNKS` runs spread evenly over the input (the first
+    rows of a file are often not like the rest: shorter lines, a header's neighbours)."""
+    from ..data.sources import plan_blocks
+
+    if source.num_rows <= sample:
+        return plan_blocks(source, max(1, source.num_rows), max(1, source.num_rows))
+    size = max(1, sample // SAMPLE_CHUNKS)
+    every = plan_blocks(source, size, size)
+    step = len(every) / SAMPLE_CHUNKS
+    return [every[int(i * step)] for i in range(SAMPLE_CHUNKS)]
+
+
 def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) -> None:
-    """One measuring process: load, report ready, wait for 'go', time each batch size."""
+    """One measuring process: load, report ready, wait for 'go', time each batch size. A
+    pass is what a worker does with a block: read the rows, run them, write a part."""
     try:
-        from ..models.base import StageTimer, run_block
+        from ..models.base import StageTimer, concat_columns, run_block
         from ..worker.process import limit_threads, peak_rss
 
         limit_threads(threads)
-        from ..data.sources import open_source, plan_blocks
+        import numpy as np
+
+        from ..data.sink import write_part
+        from ..data.sources import open_source
         from ..models.families import load_runner, parse_model
         from ..worker.replica import read_inputs
 
@@ -61,21 +83,28 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
         source = open_source(req.input, req.input_format)
         runner = load_runner(spec, threads)
         binding = runner.bind(source.columns, req.column)
-        blocks = plan_blocks(source, req.sample, req.sample)
+        blocks = _sample_blocks(source, req.sample)
         if not blocks:
             raise ModelError(f"{req.input}: no rows to profile the model on")
-        inputs = read_inputs(source, blocks[0], binding)
-        run_block(runner, {k: v[: max(req.batch_sizes)] for k, v in inputs.items()}, max(req.batch_sizes),
-                  StageTimer())  # fmt: skip
-        conn.send(("ready", time.time() - spawned))
-        conn.recv()  # go
-        rates = []
-        for b in req.batch_sizes:
-            passes, start = 0, time.perf_counter()
-            while passes == 0 or time.perf_counter() - start < MIN_SECONDS:
-                run_block(runner, inputs, b, StageTimer())
-                passes += 1
-            rates.append((b, passes * blocks[0].rows / (time.perf_counter() - start)))
+        rows = sum(b.rows for b in blocks)
+        index = np.arange(rows, dtype=np.int64)
+
+        def one_pass(batch_size: int, out_dir: str) -> None:
+            inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
+            outputs = run_block(runner, inputs, batch_size, StageTimer())
+            write_part(out_dir, 0, index, outputs)
+
+        with tempfile.TemporaryDirectory(prefix="distinfer-profile-") as out_dir:
+            one_pass(max(req.batch_sizes), out_dir)  # first-call costs
+            conn.send(("ready", time.time() - spawned))
+            conn.recv()  # go
+            rates = []
+            for b in req.batch_sizes:
+                passes, start = 0, time.perf_counter()
+                while passes == 0 or time.perf_counter() - start < MIN_SECONDS:
+                    one_pass(b, out_dir)
+                    passes += 1
+                rates.append((b, passes * rows / (time.perf_counter() - start)))
         conn.send(("done", rates, peak_rss()))
     except BaseException as exc:  # reported to the parent, which raises it with its message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -193,7 +222,8 @@ def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
     spec = parse_model(req.model)
     machine = this_machine().nodes[0]
     key = machine_key(machine.cores, machine.memory)
-    settings = {"batch_sizes": req.batch_sizes, "sample": req.sample, "input": os.path.abspath(req.input)}
+    settings = {"batch_sizes": req.batch_sizes, "sample": req.sample, "input": os.path.abspath(req.input),
+                "pass": "spread sample, read + run + write"}  # fmt: skip
     path = profile_path(key, spec.family.identity(spec), settings)
     cached = None if refresh else Profile.load(path)
     if cached is not None:

@@ -19,9 +19,25 @@ import numpy as np
 from ..errors import ModelInputError, RowsError
 from ..messages import GenerationStats, GroupStats, TensorInfo
 
-__all__ = ["Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "run_block"]
+__all__ = [
+    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "concat_columns", "run_block",
+]  # fmt: skip
 
 Column = list[str] | np.ndarray
+
+
+def concat_columns(parts: Sequence[Mapping[str, Column]]) -> dict[str, Column]:
+    """The rows of `parts`, one after another, per column (text lists joined, arrays stacked)."""
+    merged: dict[str, Column] = {}
+    for name, value in parts[0].items():
+        if isinstance(value, list):
+            texts: list[str] = []
+            for part in parts:
+                texts.extend(part[name])
+            merged[name] = texts
+        else:
+            merged[name] = np.concatenate([np.asarray(part[name]) for part in parts])
+    return merged
 
 
 @dataclass

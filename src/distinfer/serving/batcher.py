@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models.base import Column
+from ..models.base import Column, concat_columns
 
 #: The share of a request's time left that admission keeps free beyond the predicted wait.
 DEADLINE_MARGIN = 0.25
@@ -88,17 +88,7 @@ def row_size(inputs: dict[str, Column]) -> float:
 
 def merge_inputs(batch: list[Pending]) -> dict[str, Column]:
     """The batch's rows, request after request."""
-    first = batch[0].inputs
-    merged: dict[str, Column] = {}
-    for name, value in first.items():
-        if isinstance(value, list):
-            texts: list[str] = []
-            for p in batch:
-                texts.extend(p.inputs[name])
-            merged[name] = texts
-        else:
-            merged[name] = np.concatenate([np.asarray(p.inputs[name]) for p in batch])
-    return merged
+    return concat_columns([p.inputs for p in batch])
 
 
 class RateEstimate:

@@ -14,10 +14,13 @@ when each replica's places free (a running sequence's remaining tokens times tha
 measured time per token), plus the prompts handed to a replica but not yet prefilled and its
 own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
 tokens of earlier requests were from their predictions (the 90th percentile of the last 20
-ratios, a prediction under half the allowed wait counted as that), which covers what the
-rates miss under load. A request that cannot start within its
-deadline (less the same 25% margin as the KServe route's admission), or finds the queue
-full, is refused at once (429 with Retry-After). An admitted request is never dropped for a later one.
+ratios of the last 30 s, a prediction under half the allowed wait counted as that), which
+covers what the rates miss under load. A request that finds the server idle (nothing queued
+or running) is always admitted: it starts at once, and a scale learnt under load must not
+refuse every request of a quiet server (which would then never measure a first token again).
+A request that cannot start within its deadline (less the same 25% margin as the KServe
+route's admission), or finds the queue full, is refused at once (429 with Retry-After). An
+admitted request is never dropped for a later one.
 
 A replica that is lost is replaced (the life cycle is `InferenceServer`'s). Its sequences
 that had not yet sent a token to a streaming client, and non-streamed ones, are retried once
@@ -43,6 +46,7 @@ __all__ = ["GenerationServer", "TextStream"]
 
 TTFT_WINDOW = 20  # admission's calibration: the last first tokens' measured/predicted ratios
 TTFT_QUANTILE = 0.9  # ... of which this quantile scales the predictions (the tail, not the mean)
+TTFT_HORIZON_S = 30.0  # ... and only those measured this recently (a quiet server forgets)
 
 
 @dataclass(eq=False)
@@ -113,7 +117,7 @@ class GenerationServer(InferenceServer):
         self.streams: dict[int, TextStream] = {}
         self._next_id = 0
         self._ttft_scale = 1.0  # measured over predicted first-token waits (see _calibrate)
-        self._ttft_ratios: deque[float] = deque(maxlen=TTFT_WINDOW)
+        self._ttft_ratios: deque[tuple[float, float]] = deque(maxlen=TTFT_WINDOW)  # (when, ratio)
 
     def _new_replica(self, worker: int) -> _Replica:
         return _TextReplica(worker)
@@ -142,7 +146,8 @@ class GenerationServer(InferenceServer):
             )
         longest = max(len(o.prompt) for o in orders)
         predicted = self.predict_first_token_s(longest, len(orders))
-        if predicted is not None and predicted > self.deadline_s * (1 - DEADLINE_MARGIN):
+        idle = not self.waiting and not self._running()  # it starts now: nothing to wait for
+        if predicted is not None and not idle and predicted > self.deadline_s * (1 - DEADLINE_MARGIN):
             retry = max(1, math.ceil(predicted - self.deadline_s))
             raise Shed(
                 429,
@@ -189,6 +194,7 @@ class GenerationServer(InferenceServer):
         replicas = [r for r in self._text_replicas() if r.ready and r.token_s > 0]
         if not replicas:
             return None
+        self._rescale()
         free_at: list[float] = []
         ahead = len(self.waiting) + count - 1
         for r in replicas:
@@ -220,8 +226,15 @@ class GenerationServer(InferenceServer):
         rates the replicas report miss what a loaded step costs (prefill chunks, queueing).
         The scale is an upper quantile of the last ratios, not their mean: a deadline is kept
         by the slow first tokens (an admitted p99), and a mean lets every other one be late."""
-        self._ttft_ratios.append(min(max(ratio, 0.5), 10.0))
-        self._ttft_scale = calibration_scale(self._ttft_ratios)
+        self._ttft_ratios.append((self.loop.time(), min(max(ratio, 0.5), 10.0)))
+        self._rescale()
+
+    def _rescale(self) -> None:
+        """The scale from the ratios of the last `TTFT_HORIZON_S` (1 when there are none)."""
+        old = self.loop.time() - TTFT_HORIZON_S
+        while self._ttft_ratios and self._ttft_ratios[0][0] < old:
+            self._ttft_ratios.popleft()
+        self._ttft_scale = calibration_scale([r for _, r in self._ttft_ratios])
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -348,7 +361,7 @@ class GenerationServer(InferenceServer):
         self.waiting.clear()
 
 
-def calibration_scale(ratios: deque[float] | list[float]) -> float:
+def calibration_scale(ratios: list[float]) -> float:
     """The `TTFT_QUANTILE` of the measured/predicted ratios (nearest rank); 1 before any."""
     if not ratios:
         return 1.0
