@@ -56,9 +56,9 @@ class Case:
 
 CASES = [
     Case("minilm", "minilm", 4000),
-    Case("decoder-base", "decoder-base", 768, block_size=96),
-    Case("decoder-base-latency", "decoder-base", 768, block_size=96, latency_from="decoder-base"),
-    Case("decoder-1b-2GiB", "decoder-1b", 48, ["--worker-memory", "2GiB"], block_size=24),
+    Case("decoder-base", "decoder-base", 128, block_size=16),
+    Case("decoder-base-latency", "decoder-base", 128, block_size=16, latency_from="decoder-base"),
+    Case("decoder-1b-2GiB", "decoder-1b", 16, ["--worker-memory", "2GiB"], block_size=8),
     Case("onnx-mlp", "onnx", 200_000, block_size=20_000),
 ]
 

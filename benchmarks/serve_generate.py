@@ -1003,6 +1003,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"[{target.name}] ready after {entry['ready_s']:.1f} s; warming up")
                 await warm_up(server.base, target.sequences, prompts)
                 entry["rss_idle_mib"] = rss_mib(server.proc.pid)
+                if args.overload_rate and target.kind == "distinfer":  # no search: overload alone
+                    entry["sustainable"], entry["probes"] = None, []
+                    entry["overload"] = await overload(server, args.overload_rate, args, prompts)
+                    continue
                 best, probes = await search(server, args, prompts, deadline)
                 entry["sustainable"] = (
                     asdict(best) | {"tok_s": best.tok_s, "fail_share": best.fail_share} if best else None
@@ -1130,6 +1134,8 @@ def main() -> int:
         help="the overload probe's rate over the sustainable rate (default 3)",
     )
     p.add_argument("--overload-seconds", type=float, default=30.0, help="overload probe length (default 30)")
+    p.add_argument("--overload-rate", type=float, default=0.0,
+                   help="distinfer: skip the search and run only the overload probe, at this rate (req/s)")
     p.add_argument("--no-overload", action="store_true", help="skip the overload probe")
     p.add_argument("--no-half", action="store_true", help="skip the probe at half the sustainable rate")
     p.add_argument(

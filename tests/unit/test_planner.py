@@ -213,7 +213,7 @@ def test_a_profile_survives_its_json_round_trip(tmp_path: Path) -> None:
 
 def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path: Path) -> None:
     from distinfer.data.sources import open_source, read_block
-    from distinfer.driver.profiling import SAMPLE_CHUNKS, _sample_blocks
+    from distinfer.driver.profiling import SAMPLE_CHUNKS, _sample_blocks, sample_rows
 
     path = tmp_path / "lines.txt"
     path.write_text("".join(f"row {i}\n" for i in range(10_000)), encoding="utf-8")
@@ -228,3 +228,6 @@ def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path
     short = tmp_path / "short.txt"
     short.write_text("".join(f"row {i}\n" for i in range(100)), encoding="utf-8")
     assert [(b.start, b.stop) for b in _sample_blocks(open_source(str(short)), 256)] == [(0, 100)]
+    assert [(b.start, b.rows) for b in _sample_blocks(source, 2)] == [(0, 1), (5000, 1)]
+    # as many rows as one thread runs in about 2 s: all 256 of a fast model, 2 of a slow one
+    assert (sample_rows(0.001, 256), sample_rows(0.05, 256), sample_rows(6.0, 256)) == (256, 40, 2)

@@ -3,9 +3,10 @@
 Every figure is measured in fresh spawned processes, as a worker runs: the same runner, the
 same preparation and batching (`run_block`), threads pinned before torch loads.
 
-1. One process alone at 1 thread and at all cores, over `sample` rows of the input (in
-   runs spread over the whole input), at each batch size: rows/s of a worker's whole pass
-   over them (read, run, write a part). The first one also gives the start-up cost (spawn, imports,
+1. One process alone at 1 thread and at all cores, over a sample of the input (runs of rows
+   spread over the whole input; as many rows as one thread runs in about 2 s, 2 to
+   `sample`), at each batch size: rows/s of a worker's whole pass over them (read, run,
+   write a part). The first one also gives the start-up cost (spawn, imports,
    the model's load) and a worker's peak memory.
 2. `cores` one-thread processes at once, started together after all have loaded: each one's
    rows/s, the measured contention.
@@ -22,7 +23,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = ["ProfileRequest", "get_profile"]
 
 MIN_SECONDS = 1.0  # each rate is timed over whole passes of the sample, at least this long
 SAMPLE_CHUNKS = 8  # the sample is this many runs of rows, spread over the input
+PASS_S = 2.0  # ... and as many rows as one process at 1 thread runs in about this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,28 +47,37 @@ class ProfileRequest:
     input: str
     input_format: str | None = None
     column: str | None = None
-    sample: int = 256
+    sample: int = 256  # rows at most
+    rows: int = 0  # rows in the sample; 0: sized by the first measuring process
     batch_sizes: tuple[int, ...] = (8, 32, 64)
     layer_batch: int = 8
     seq_len: int = 64
 
 
-def _sample_blocks(source: SourceSpec, sample: int) -> list[Block]:
-    """About `sample` rows in `SAMPLE_CHUNKS` runs spread evenly over the input (the first
-    rows of a file are often not like the rest: shorter lines, a header's neighbours)."""
+def _sample_blocks(source: SourceSpec, rows: int) -> list[Block]:
+    """About `rows` rows in up to `SAMPLE_CHUNKS` runs spread evenly over the input (the
+    first rows of a file are often not like the rest: shorter lines, a header's neighbours)."""
     from ..data.sources import plan_blocks
 
-    if source.num_rows <= sample:
+    if source.num_rows <= rows:
         return plan_blocks(source, max(1, source.num_rows), max(1, source.num_rows))
-    size = max(1, sample // SAMPLE_CHUNKS)
+    chunks = min(SAMPLE_CHUNKS, rows)
+    size = max(1, rows // chunks)
     every = plan_blocks(source, size, size)
-    step = len(every) / SAMPLE_CHUNKS
-    return [every[int(i * step)] for i in range(SAMPLE_CHUNKS)]
+    step = len(every) / chunks
+    return [every[int(i * step)] for i in range(chunks)]
+
+
+def sample_rows(per_row_s: float, most: int) -> int:
+    """Rows in the sample: a pass of about `PASS_S` at the first process's speed, at least
+    2 rows (a slow model is still measured over more than one) and at most `most`."""
+    return max(2, min(most, int(PASS_S / max(per_row_s, 1e-9))))
 
 
 def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) -> None:
     """One measuring process: load, report ready, wait for 'go', time each batch size. A
-    pass is what a worker does with a block: read the rows, run them, write a part."""
+    pass is what a worker does with a block: read the rows, run them, write a part. Without
+    `req.rows` the process first times one row and sizes the sample from it (`sample_rows`)."""
     try:
         from ..models.base import StageTimer, concat_columns, run_block
         from ..worker.process import limit_threads, peak_rss
@@ -81,28 +92,35 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
 
         spec = parse_model(req.model)
         source = open_source(req.input, req.input_format)
+        if source.num_rows == 0:
+            raise ModelError(f"{req.input}: no rows to profile the model on")
         runner = load_runner(spec, threads)
         binding = runner.bind(source.columns, req.column)
-        blocks = _sample_blocks(source, req.sample)
-        if not blocks:
-            raise ModelError(f"{req.input}: no rows to profile the model on")
-        rows = sum(b.rows for b in blocks)
-        index = np.arange(rows, dtype=np.int64)
 
-        def one_pass(batch_size: int, out_dir: str) -> None:
+        def one_pass(blocks: list[Block], batch_size: int, out_dir: str) -> None:
             inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
             outputs = run_block(runner, inputs, batch_size, StageTimer())
-            write_part(out_dir, 0, index, outputs)
+            write_part(out_dir, 0, np.arange(sum(b.rows for b in blocks), dtype=np.int64), outputs)
 
         with tempfile.TemporaryDirectory(prefix="distinfer-profile-") as out_dir:
-            one_pass(max(req.batch_sizes), out_dir)  # first-call costs
-            conn.send(("ready", time.time() - spawned))
+            first = _sample_blocks(source, 1)
+            one_pass(first, 1, out_dir)  # first-call costs
+            startup = time.time() - spawned
+            rows = req.rows
+            if not rows:
+                t = time.perf_counter()
+                one_pass(first, 1, out_dir)
+                rows = sample_rows(time.perf_counter() - t, req.sample)
+            blocks = _sample_blocks(source, rows)
+            rows = sum(b.rows for b in blocks)
+            one_pass(blocks, max(req.batch_sizes), out_dir)  # the largest batch's first call
+            conn.send(("ready", startup, rows))
             conn.recv()  # go
             rates = []
             for b in req.batch_sizes:
                 passes, start = 0, time.perf_counter()
                 while passes == 0 or time.perf_counter() - start < MIN_SECONDS:
-                    one_pass(b, out_dir)
+                    one_pass(blocks, b, out_dir)
                     passes += 1
                 rates.append((b, passes * rows / (time.perf_counter() - start)))
         conn.send(("done", rates, peak_rss()))
@@ -112,8 +130,9 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
         conn.close()
 
 
-def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Rate], float, int]:
-    """`processes` processes at once: their mean rates, the first's start-up s, the largest RSS."""
+def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Rate], float, int, int]:
+    """`processes` processes at once: their mean rates, the first's start-up s, the largest
+    RSS, and the rows of the sample."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(processes):
@@ -124,7 +143,7 @@ def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Ra
         pipes.append(parent)
         procs.append(proc)
     try:
-        startups = [_expect(conn, "ready")[0] for conn in pipes]
+        ready = [_expect(conn, "ready") for conn in pipes]
         for conn in pipes:
             conn.send("go")
         results = [_expect(conn, "done") for conn in pipes]
@@ -137,7 +156,7 @@ def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Ra
     for i, b in enumerate(req.batch_sizes):
         mean = sum(r[0][i][1] for r in results) / processes
         rates.append(Rate(threads, b, mean, processes))
-    return rates, min(startups), max(r[1] for r in results)
+    return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1])
 
 
 def _expect(conn: Connection, kind: str) -> list[Any]:
@@ -230,7 +249,8 @@ def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
         return cached
     started = time.monotonic()
     log.info("profiling %s on this machine (once; cached in %s)", req.model, path)
-    alone, startup, rss = _measure(req, 1, 1)
+    alone, startup, rss, rows = _measure(req, 1, 1)
+    req = replace(req, rows=rows)  # every later measurement over the same sample
     rates = list(alone)
     if machine.cores > 1:
         rates += _measure(req, 1, machine.cores)[0]

@@ -14,8 +14,8 @@ when each replica's places free (a running sequence's remaining tokens times tha
 measured time per token), plus the prompts handed to a replica but not yet prefilled and its
 own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
 tokens of earlier requests were from their predictions (the 90th percentile of the last 20
-ratios of the last 30 s, a prediction under half the allowed wait counted as that), which
-covers what the rates miss under load. A request that finds the server idle (nothing queued
+ratios of the last 30 s, a prediction under half the allowed wait counted as that, never
+below 1), which covers what the rates miss under load. A request that finds the server idle (nothing queued
 or running) is always admitted: it starts at once, and a scale learnt under load must not
 refuse every request of a quiet server (which would then never measure a first token again).
 A request that cannot start within its deadline (less the same 25% margin as the KServe
@@ -224,9 +224,12 @@ class GenerationServer(InferenceServer):
     def _calibrate(self, ratio: float) -> None:
         """Scale later predictions by how far the measured first tokens were from theirs: the
         rates the replicas report miss what a loaded step costs (prefill chunks, queueing).
+        It never goes below 1: a quiet spell of early first tokens must not halve the
+        predictions that the next burst is admitted on (measured: at 3x overload, a scale
+        learnt down to 0.5 admitted requests predicted at 2.6 s, whose first tokens came in 3.1).
         The scale is an upper quantile of the last ratios, not their mean: a deadline is kept
         by the slow first tokens (an admitted p99), and a mean lets every other one be late."""
-        self._ttft_ratios.append((self.loop.time(), min(max(ratio, 0.5), 10.0)))
+        self._ttft_ratios.append((self.loop.time(), min(max(ratio, 1.0), 10.0)))
         self._rescale()
 
     def _rescale(self) -> None:
