@@ -17,6 +17,8 @@ from distinfer.serving.generation import (
     TTFT_HORIZON_S,
     TTFT_WINDOW,
     GenerationServer,
+    TextStream,
+    _pick,
     _TextReplica,
     calibration_scale,
 )
@@ -126,3 +128,29 @@ def test_an_idle_server_admits_whatever_it_learnt_under_load_and_the_lesson_expi
         return scaled, server._ttft_scale
 
     assert on_server(check) == (10.0, 1.0)
+
+
+def test_with_room_on_a_replica_the_prediction_is_that_replicas_not_the_soonest_place() -> None:
+    async def main() -> tuple[float | None, int]:
+        config = ServeConfig(model="gemma3-270m", replicas=2, timeout_ms=2000.0, max_queue=64)
+        server = GenerationServer(config, FakeBackend(), ServerMetrics(), "gemma3-270m", "generate")
+        a, b = server.replicas[0], server.replicas[1]
+        assert isinstance(a, _TextReplica) and isinstance(b, _TextReplica)
+        for r in (a, b):
+            r.ready, r.max_running, r.kv_pages, r.free_pages = True, 4, 64, 64
+            r.token_s, r.prefill_token_s = 0.05, 0.0
+        server.started = True
+        server._dispatch = lambda: None  # type: ignore[method-assign]
+        # both full; b's sequences end far sooner, and b has one more handed to it
+        for r, remaining, extra in ((a, 40, 0), (b, 2, 1)):
+            for _ in range(4 + extra):
+                s = TextStream(order(server, prompt=1, max_tokens=remaining + 1), True, 0.0, asyncio.Queue())
+                s.state, s.tokens = "running", 1
+                r.assigned[s.id] = s
+        with pytest.raises(Shed):  # b frees a place in 0.1 s, but the request would wait on a
+            server.submit_text([order(server, prompt=1)], streaming=True)
+        return server.predict_first_token_s(1), _pick([a, b]).worker
+
+    predicted, picked = asyncio.run(main())
+    # handed to a (more free places counting its spare), it waits for a's first place: 40 tokens
+    assert picked == 0 and predicted == pytest.approx(40 * 0.05 + 0.05)

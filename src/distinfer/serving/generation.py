@@ -11,16 +11,18 @@ trip to this server.
 
 Admission predicts a request's time to first token from what is ahead of it: the queue, and
 when each replica's places free (a running sequence's remaining tokens times that replica's
-measured time per token), plus the prompts handed to a replica but not yet prefilled and its
-own, at the replica's measured prefill rate; the sum is scaled by how far the measured first
-tokens of earlier requests were from their predictions (the 90th percentile of the last 20
-ratios of the last 30 s, a prediction under half the allowed wait counted as that, never
-below 1), which covers what the rates miss under load. A request that finds the server idle (nothing queued
-or running) is always admitted: it starts at once, and a scale learnt under load must not
-refuse every request of a quiet server (which would then never measure a first token again).
-A request that cannot start within its deadline (less the same 25% margin as the KServe
-route's admission), or finds the queue full, is refused at once (429 with Retry-After). An
-admitted request is never dropped for a later one.
+measured time per token; only the replica it would be handed to when the queue is empty and
+one has room, since it then waits for that one's places), plus the prompts handed to a
+replica but not yet prefilled and its own, at the replica's measured prefill rate. The sum
+is scaled by how far the measured first tokens of earlier requests were from their
+predictions (the 90th percentile of the last 20 ratios of the last 30 s, a prediction under
+half the allowed wait counted as that, never below 1), which covers what the rates miss
+under load. A request that finds the server idle (nothing queued or running) is always
+admitted: it starts at once, and a scale learnt under load must not refuse every request of
+a quiet server (which would then never measure a first token again). A request that cannot
+start within its deadline (less the same 25% margin as the KServe route's admission), or
+finds the queue full, is refused at once (429 with Retry-After). An admitted request is
+never dropped for a later one.
 
 A replica that is lost is replaced (the life cycle is `InferenceServer`'s). Its sequences
 that had not yet sent a token to a streaming client, and non-streamed ones, are retried once
@@ -195,6 +197,11 @@ class GenerationServer(InferenceServer):
         if not replicas:
             return None
         self._rescale()
+        open_now = [r for r in replicas if len(r.assigned) < r.max_running + r.spare]
+        if not self.waiting and open_now:
+            # it is handed at once to the replica `_dispatch` picks, and waits for that one's
+            # places, not for whichever replica frees one first
+            replicas = [_pick(open_now)]
         free_at: list[float] = []
         ahead = len(self.waiting) + count - 1
         for r in replicas:
@@ -247,7 +254,7 @@ class GenerationServer(InferenceServer):
             fits = [r for r in self._text_replicas() if r.room(stream)]
             if not fits:
                 return None
-            best = max(fits, key=lambda r: (r.max_running + r.spare - len(r.assigned), r.free_pages))
+            best = _pick(fits)
             self.waiting.popleft()
             self._send_stream(best, stream)
         self.metrics.waiting.set(len(self.waiting))
@@ -362,6 +369,11 @@ class GenerationServer(InferenceServer):
         for stream in list(self.streams.values()):
             self._fail_stream(stream, "the server shut down before the stream ended; retry on another one")
         self.waiting.clear()
+
+
+def _pick(replicas: list[_TextReplica]) -> _TextReplica:
+    """The replica a new sequence goes to: the most free places, then the most free pages."""
+    return max(replicas, key=lambda r: (r.max_running + r.spare - len(r.assigned), r.free_pages))
 
 
 def calibration_scale(ratios: list[float]) -> float:
