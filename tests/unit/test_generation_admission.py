@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.helpers.fake_serving import FakeBackend
+from fake_serving import FakeBackend
 
 from distinfer import messages as msg
 from distinfer.serving.batcher import Shed
