@@ -5,9 +5,9 @@ same preparation and batching (`run_block`), threads pinned before torch loads.
 
 1. One process alone at 1 thread and at all cores, over a sample of the input (runs of rows
    spread over the whole input; as many rows as one thread runs in about 2 s, 2 to
-   `sample`), at each batch size: rows/s of a worker's whole pass over them (read, run,
-   write a part). The first one also gives the start-up cost (spawn, imports,
-   the model's load) and a worker's peak memory.
+   `sample`; an untimed pass at every batch size first), at each batch size: rows/s of a
+   worker's whole pass over them (read, run, write a part). The first one also gives the
+   start-up cost (spawn, imports, the model's load) and a worker's peak memory.
 2. `cores` one-thread processes at once, started together after all have loaded: each one's
    rows/s, the measured contention.
 3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
@@ -36,7 +36,7 @@ from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
 
 __all__ = ["ProfileRequest", "get_profile"]
 
-MIN_SECONDS = 1.0  # each rate is timed over whole passes of the sample, at least this long
+MIN_SECONDS = 2.0  # each rate is timed over whole passes of the sample, at least this long
 SAMPLE_CHUNKS = 8  # the sample is this many runs of rows, spread over the input
 PASS_S = 2.0  # ... and as many rows as one process at 1 thread runs in about this long
 
@@ -113,7 +113,8 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
                 rows = sample_rows(time.perf_counter() - t, req.sample)
             blocks = _sample_blocks(source, rows)
             rows = sum(b.rows for b in blocks)
-            one_pass(blocks, max(req.batch_sizes), out_dir)  # the largest batch's first call
+            for b in req.batch_sizes:  # every batch shape's first calls (oneDNN builds per shape)
+                one_pass(blocks, b, out_dir)
             conn.send(("ready", startup, rows))
             conn.recv()  # go
             rates = []
