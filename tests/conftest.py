@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ sys.path.insert(0, str(HELPERS))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(HELPERS), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Profiles of the session's own: `--strategy auto` (the default) plans from cached
+    profiles, and one measured on this machine before must not change a test's layout."""
+    folder = tmp_path_factory.mktemp("profiles")
+    before = os.environ.get("DISTINFER_PROFILES")
+    os.environ["DISTINFER_PROFILES"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("DISTINFER_PROFILES", None)
+    else:
+        os.environ["DISTINFER_PROFILES"] = before
 
 
 @pytest.fixture(scope="session")

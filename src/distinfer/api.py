@@ -25,6 +25,10 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
         report = distinfer.run(model="minilm", input="corpus.txt", output="out/", workers=2)
         print(report.throughput)
 
+    The layout is `strategy="auto"` unless given: the top plan of `distinfer plan` when a
+    profile of the model is cached on this machine (given by keyword, `strategy="auto"`
+    measures one first), else data parallel; options given keep their values.
+
     Raises a `distinfer.DistinferError` subclass with a one-line message on bad input,
     an unusable model or output directory, or a job that cannot finish.
     """
@@ -43,7 +47,8 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
         from .logs import log
 
         config, line = auto_layout(config, given)
-        log.info("%s", line)
+        if line:
+            log.info("%s", line)
     return run_job(config)
 
 
@@ -59,17 +64,24 @@ def plan(
     refresh_profile: bool = False,
     input_format: str | None = None,
     column: str | None = None,
+    max_tokens: int = 128,
+    ignore_eos: bool = False,
+    dtype: str = "float32",
 ) -> Advice:
     """Ranked plans for running `model` over `input` (or `rows` rows like its own) on this
     machine or the `cluster` file: `advice.plans`, best first, each with its predicted
     throughput, job time, batch latency, memory per process and reasons. The model is
-    measured on this machine the first time (about a minute), then the profile is cached."""
+    measured on this machine the first time (about a minute), then the profile is cached.
+    A text-generation model is measured generating up to `max_tokens` a row (all of them
+    with `ignore_eos`) in `dtype`; its plans' batch size is the running sequences."""
     from .driver.advisor import advise
+    from .messages import GenerationOptions
 
     return advise(
         model, input, rows=rows, cluster=cluster, latency_target_s=latency_target_s,
         request_rate=request_rate, worker_memory=worker_memory, block_size=block_size,
         input_format=input_format, column=column, refresh=refresh_profile,
+        generation=GenerationOptions(max_tokens=max_tokens, ignore_eos=ignore_eos, dtype=dtype),
     )  # fmt: skip
 
 
@@ -79,13 +91,27 @@ def serve(config: ServeConfig | None = None, /, **options: Any) -> int:
 
         distinfer.serve(model="minilm", replicas=2, port=8000)
 
+    The layout is `strategy="auto"` unless given: the top plan from the profile last
+    measured of the model on this machine (`distinfer plan`), else data parallel.
+
     Needs the serve extra (`pip install 'distinfer[serve]'`)."""
     from .serving.config import ServeConfig
 
     if config is None:
         config = ServeConfig(**options)
-    elif options:
-        config = ServeConfig(**{**_as_dict(config), **options})
+        given = set(options)
+    else:
+        defaults = ServeConfig(model=config.model)
+        given = {k for k, v in _as_dict(config).items() if v != getattr(defaults, k)} | set(options)
+        if options:
+            config = ServeConfig(**{**_as_dict(config), **options})
+    if config.strategy == "auto":
+        from .driver.advisor import auto_serve_layout
+        from .logs import log
+
+        config, line = auto_serve_layout(config, given)
+        if line:
+            log.info("%s", line)
     try:
         from .serving.main import serve as run_server
     except ImportError as exc:

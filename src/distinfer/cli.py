@@ -192,6 +192,9 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="the pipeline cut: rows per micro-batch")
     p.add_argument("--seq-len", type=int, default=64, help="the pipeline cut: tokens per row for the measurement")
     p.add_argument("--micro-batches", type=int, default=8, help="the pipeline cut: micro-batches in flight, for the bubble figure")
+    p.add_argument("--max-tokens", type=int, default=128, help="text generation: new tokens per row at most, as for 'run'")
+    p.add_argument("--ignore-eos", action="store_true", help="text generation: every row generates --max-tokens (a known output length)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="text generation: weights and activations, as for 'run'")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -221,6 +224,7 @@ def _cmd_plan(args: dict[str, Any]) -> int:
         latency_target_s=args["latency_target"], request_rate=args["request_rate"],
         worker_memory=args["worker_memory"], block_size=args["block_size"],
         refresh_profile=args["refresh_profile"], input_format=args["input_format"], column=args["column"],
+        max_tokens=args["max_tokens"], ignore_eos=args["ignore_eos"], dtype=args["dtype"],
     )  # fmt: skip
     if args["json"]:
         print(json.dumps(plans_json(advice.plans, advice.profile, advice.cluster, advice.workload), indent=1))
@@ -269,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: dict[str, Any]) -> int:
     from .api import run
-    from .config import RunConfig, load_job_file
+    from .config import load_job_file
 
     options: dict[str, Any] = {}
     if "config" in args:
@@ -280,7 +284,7 @@ def _cmd_run(args: dict[str, Any]) -> int:
     if "stop" in args:
         args["stop"] = tuple(args["stop"])
     options.update(args)
-    report = run(RunConfig.build(options))
+    report = run(**options)  # keywords: an option given by name, --strategy auto among them, is known
     print(report.summary(), file=sys.stderr)
     return 0
 
@@ -292,10 +296,10 @@ def _cmd_serve(args: dict[str, Any]) -> int:
     if "worker_resources" in args:
         args["worker_resources"] = dict(args["worker_resources"])
     try:
-        config = ServeConfig(**args)
+        ServeConfig(**args)  # checked here, where a wrong keyword is the user's
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    return serve(config)
+    return serve(**args)
 
 
 def _cmd_bench(args: dict[str, Any]) -> int:

@@ -41,8 +41,9 @@ class RunConfig:
     worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for
     worker_resources: dict[str, float] | None = None  # ray: custom resources per worker actor
     device: Device = "cpu"
-    # "data" (whole model per worker), "pipeline" (stages), "tensor" (ranks), "auto" (the top plan)
-    strategy: Strategy | Literal["auto"] = "data"
+    # "data" (whole model per worker), "pipeline" (stages), "tensor" (ranks), "auto" (the top
+    # plan; the default, which plans from a cached profile only: driver/advisor.py)
+    strategy: Strategy | Literal["auto"] = "auto"
     stages: int | None = None  # pipeline: stages per replica (None: 2, or the fewest that fit)
     cuts: tuple[int, ...] | None = None  # pipeline: explicit first layer of stages 2..K
     tensor_parallel: int | None = None  # tensor: ranks per replica (None: 2)
@@ -101,16 +102,16 @@ class RunConfig:
             raise ConfigError(f"--strategy must be auto, data, pipeline or tensor, got {self.strategy!r}")
         if self.stages is not None and self.stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
-        if (self.stages is not None or self.cuts) and self.strategy != "pipeline":
+        if (self.stages is not None or self.cuts) and self.strategy not in ("pipeline", "auto"):
             raise ConfigError("--stages and --cuts cut a pipeline; add --strategy pipeline")
         if self.tensor_parallel is not None:
-            if self.strategy != "tensor":
+            if self.strategy not in ("tensor", "auto"):
                 raise ConfigError("--tensor-parallel shards a model over ranks; add --strategy tensor")
             if self.tensor_parallel < 2:
                 raise ConfigError(f"--tensor-parallel must be >= 2, got {self.tensor_parallel}")
         if self.tensor_comm not in ("auto", "shm", "gloo", "nccl"):
             raise ConfigError(f"--tensor-comm must be auto, shm, gloo or nccl, got {self.tensor_comm!r}")
-        if self.tensor_comm != "auto" and self.strategy != "tensor":
+        if self.tensor_comm != "auto" and self.strategy not in ("tensor", "auto"):
             raise ConfigError("--tensor-comm is how tensor-parallel ranks talk; add --strategy tensor")
         if (self.tensor_comm in ("shm", "gloo") and self.device == "cuda") or (
             self.tensor_comm == "nccl" and self.device != "cuda"

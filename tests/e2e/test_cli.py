@@ -19,6 +19,7 @@ def distinfer(*args: str, cwd: Path | None = None, cache: Path | None = None) ->
     env = {**os.environ, "PYTHONPATH": str(HELPERS)}
     if cache is not None:
         env["DISTINFER_CACHE"] = str(cache)
+        env.pop("DISTINFER_PROFILES", None)  # profiles in the cache folder given
     return subprocess.run(
         [sys.executable, "-m", "distinfer.cli", *args], capture_output=True, text=True,
         timeout=300, env=env, cwd=cwd,

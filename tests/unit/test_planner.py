@@ -231,3 +231,29 @@ def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path
     assert [(b.start, b.rows) for b in _sample_blocks(source, 2)] == [(0, 1), (5000, 1)]
     # as many rows as one thread runs in about 2 s: all 256 of a fast model, 2 of a slow one
     assert (sample_rows(0.001, 256), sample_rows(0.05, 256), sample_rows(6.0, 256)) == (256, 40, 2)
+
+
+def test_a_generation_profile_plans_running_sequences_and_the_time_per_token() -> None:
+    # rows of 32 tokens; "batch size" = sequences running together
+    rates = (Rate(1, 8, 2.0), Rate(1, 32, 4.0), Rate(2, 8, 3.0), Rate(2, 32, 5.0),
+             Rate(1, 8, 1.9, 2), Rate(1, 32, 3.6, 2))  # fmt: skip
+    prof = _profile(rates=rates, layers=(), strategies=("data",), tensor_ranks=(), tokens_per_row=32.0)
+    plans = make_plans(prof, _local(), Workload(rows=128))
+    assert {p.strategy for p in plans} == {"data"} and all(p.generates for p in plans)
+    top = _top(plans)
+    assert (top.replicas, top.threads, top.batch_size) == (2, 1, 32)
+    assert top.rows_per_s == pytest.approx(7.2)
+    # one step makes one token for each of the 32 running sequences: 32 / (3.6 x 32) s
+    assert top.latency_s == pytest.approx(32 / 3.6 / 32)
+    assert "--max-running" in top.cli_args() and "--batch-size" not in top.cli_args()
+    assert "32 running" in top.shape
+    text = describe_plans(plans, prof, _local(), Workload(rows=128), 5)
+    assert "7.2 (230)" in text and "per token" in text
+    assert plans_json(plans, prof, _local(), Workload(rows=128))["plans"][0]["tokens_per_s"] == pytest.approx(230.4)
+    # a time-per-token target of 150 ms: 2 x 32 running (278 ms a token) is refused with the
+    # reason, and 2 x 8 running (139 ms) chosen, with what it costs
+    tight = make_plans(prof, _local(), Workload(rows=128, latency_target_s=0.15))
+    best = _top(tight)
+    assert (best.replicas, best.batch_size) == (2, 8) and best.latency_s == pytest.approx(8 / (2.0 * 0.9) / 32)  # contention 0.9
+    assert any("one output token takes 278 ms, over the 150 ms" in p.refused for p in tight)
+    assert any("cuts one output token" in r and "150 ms latency target" in r for r in best.reasons), best.reasons

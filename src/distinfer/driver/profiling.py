@@ -15,6 +15,15 @@ same preparation and batching (`run_block`), threads pinned before torch loads.
 4. The links: a memory copy's bandwidth (what a shared-memory slot costs) and a pipe's
    round trip between processes. The all-reduce figures are derived from these (twice the
    latency, a quarter of the bandwidth), not measured: a gloo measurement is still to come.
+
+A text-generation model (`req.generation` set: the job's max_tokens, dtype...) is measured the
+same way with "batch size" read as the sequences running together (`max_running`): each
+pass generates the sample's completions, as many rows as the most running sequences, through
+the continuous-batching engine; no per-layer or tensor figures (its pipeline and tensor
+layouts are not planned yet), and the mean tokens generated per row.
+
+Every profile is also kept as the model's latest on this machine (`profiles/latest/`), which
+the default `--strategy auto` plans from when this input has none (see driver/advisor.py).
 """
 
 from __future__ import annotations
@@ -23,14 +32,16 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..data.blocks import Block
 from ..data.sources import SourceSpec
 from ..errors import DistinferError, ModelError
 from ..logs import log
+from ..messages import GenerationOptions
 from ..planning.cluster import this_machine
 from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
 
@@ -49,9 +60,14 @@ class ProfileRequest:
     column: str | None = None
     sample: int = 256  # rows at most
     rows: int = 0  # rows in the sample; 0: sized by the first measuring process
-    batch_sizes: tuple[int, ...] = (8, 32, 64)
+    batch_sizes: tuple[int, ...] = (8, 32, 64)  # generation: running sequences
     layer_batch: int = 8
     seq_len: int = 64
+    generation: GenerationOptions | None = None  # a text-generation job's settings
+
+
+#: the running sequences a generation model is measured at
+GENERATION_RUNNING = (8, 16, 32)
 
 
 def _sample_blocks(source: SourceSpec, rows: int) -> list[Block]:
@@ -91,15 +107,23 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
         from ..worker.replica import read_inputs
 
         spec = parse_model(req.model)
+        if req.generation is not None:
+            spec = replace(spec, generation=req.generation)
         source = open_source(req.input, req.input_format)
         if source.num_rows == 0:
             raise ModelError(f"{req.input}: no rows to profile the model on")
         runner = load_runner(spec, threads)
         binding = runner.bind(source.columns, req.column)
+        tokens: list[float] = []  # generation: the mean tokens generated per row, each pass
 
         def one_pass(blocks: list[Block], batch_size: int, out_dir: str) -> None:
             inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
+            engine = getattr(runner, "engine", None)
+            if engine is not None:  # a generation runner: batch size = running sequences
+                engine.max_running = batch_size
             outputs = run_block(runner, inputs, batch_size, StageTimer())
+            if "completion_tokens" in outputs:
+                tokens.append(float(np.mean(outputs["completion_tokens"])))
             write_part(out_dir, 0, np.arange(sum(b.rows for b in blocks), dtype=np.int64), outputs)
 
         with tempfile.TemporaryDirectory(prefix="distinfer-profile-") as out_dir:
@@ -107,14 +131,18 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
             one_pass(first, 1, out_dir)  # first-call costs
             startup = time.time() - spawned
             rows = req.rows
+            if not rows and req.generation is not None:  # every measured count running at once
+                rows = min(req.sample, max(req.batch_sizes))
             if not rows:
                 t = time.perf_counter()
                 one_pass(first, 1, out_dir)
                 rows = sample_rows(time.perf_counter() - t, req.sample)
             blocks = _sample_blocks(source, rows)
             rows = sum(b.rows for b in blocks)
-            for b in req.batch_sizes:  # every batch shape's first calls (oneDNN builds per shape)
-                one_pass(blocks, b, out_dir)
+            if req.generation is None:  # every batch shape's first calls (oneDNN builds per shape)
+                for b in req.batch_sizes:
+                    one_pass(blocks, b, out_dir)
+            tokens.clear()
             conn.send(("ready", startup, rows))
             conn.recv()  # go
             rates = []
@@ -124,16 +152,18 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
                     one_pass(blocks, b, out_dir)
                     passes += 1
                 rates.append((b, passes * rows / (time.perf_counter() - start)))
-        conn.send(("done", rates, peak_rss()))
+        conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0))
     except BaseException as exc:  # reported to the parent, which raises it with its message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
-def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Rate], float, int, int]:
+def _measure(
+    req: ProfileRequest, processes: int, threads: int
+) -> tuple[list[Rate], float, int, int, float]:
     """`processes` processes at once: their mean rates, the first's start-up s, the largest
-    RSS, and the rows of the sample."""
+    RSS, the rows of the sample and (generation) the mean tokens generated per row."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(processes):
@@ -157,7 +187,8 @@ def _measure(req: ProfileRequest, processes: int, threads: int) -> tuple[list[Ra
     for i, b in enumerate(req.batch_sizes):
         mean = sum(r[0][i][1] for r in results) / processes
         rates.append(Rate(threads, b, mean, processes))
-    return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1])
+    tokens = results[0][2]
+    return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1]), tokens
 
 
 def _expect(conn: Connection, kind: str) -> list[Any]:
@@ -235,22 +266,28 @@ def _echo(conn: Connection) -> None:
         conn.send(item)
 
 
-def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
-    """The cached profile of `req.model` on this machine, measured first when there is none."""
+def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True) -> Profile | None:
+    """The cached profile of `req.model` on this machine, measured first when there is none.
+    With `measure` False nothing is measured: the exact cached profile, else the one last
+    measured for the same model (and generation settings) on this machine over another
+    input, else None."""
     from ..models.families import parse_model
 
     spec = parse_model(req.model)
     machine = this_machine().nodes[0]
     key = machine_key(machine.cores, machine.memory)
     settings = {"batch_sizes": req.batch_sizes, "sample": req.sample, "input": os.path.abspath(req.input),
-                "pass": "spread sample, read + run + write"}  # fmt: skip
+                "pass": "spread sample, read + run + write",
+                **({"generation": asdict(req.generation)} if req.generation else {})}  # fmt: skip
     path = profile_path(key, spec.family.identity(spec), settings)
     cached = None if refresh else Profile.load(path)
     if cached is not None:
         return cached
+    if not measure:
+        return Profile.load(_latest_path(key, spec, req.generation))
     started = time.monotonic()
     log.info("profiling %s on this machine (once; cached in %s)", req.model, path)
-    alone, startup, rss, rows = _measure(req, 1, 1)
+    alone, startup, rss, rows, tokens = _measure(req, 1, 1)
     req = replace(req, rows=rows)  # every later measurement over the same sample
     rates = list(alone)
     if machine.cores > 1:
@@ -259,13 +296,17 @@ def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
     family = spec.family
     strategies = ["data"]
     layers: list[Any] = []
-    if family.no_stages is None:
+    if family.no_stages is None and not family.generates:
         try:
             layers = _layers(req)
             strategies.append("pipeline")
         except ModelError as exc:
             log.info("no per-layer profile of %s: %s", req.model, exc)
-    ranks = tuple(k for k in (2, 4) if k <= machine.cores and family.shard_problem(spec, k) is None)
+    ranks = tuple(
+        k
+        for k in (2, 4)
+        if k <= machine.cores and not family.generates and family.shard_problem(spec, k) is None
+    )
     if ranks:
         strategies.append("tensor")
     weights = family.weight_bytes(spec)
@@ -276,7 +317,23 @@ def get_profile(req: ProfileRequest, refresh: bool = False) -> Profile:
         layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch, seq_len=req.seq_len,
         weight_bytes=sum(weights) if weights else sum(c[2] for c in layers), worker_rss=rss,
         startup_s=startup, links=_links(), strategies=tuple(strategies), tensor_ranks=ranks,
+        tokens_per_row=tokens,
     )  # fmt: skip
     profile.save(path)
+    profile.save(_latest_path(key, spec, req.generation))
     log.info("profiled %s in %.0f s", req.model, time.monotonic() - started)
     return profile
+
+
+def latest_profile(spec: Any) -> Profile | None:
+    """The last profile measured of the model `spec` (with its generation settings) on this
+    machine, over any input; None when there is none."""
+    machine = this_machine().nodes[0]
+    return Profile.load(_latest_path(machine_key(machine.cores, machine.memory), spec, spec.generation))
+
+
+def _latest_path(machine: str, spec: Any, generation: GenerationOptions | None) -> Path:
+    """Where the last profile measured of a model on this machine is kept, whatever its
+    input, for a run that plans without measuring (the default `--strategy auto`)."""
+    gen = {k: getattr(generation, k) for k in ("max_tokens", "ignore_eos", "dtype")} if generation else None
+    return profile_path(machine, spec.family.identity(spec), {"generation": gen}, folder="latest")

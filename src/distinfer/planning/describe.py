@@ -41,7 +41,12 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
         f"profile: {profile.machine}; one process {_best_alone(profile)}; start-up {profile.startup_s:.1f} s",
         "",
     ]
-    rows = [("#", "strategy", "replicas", "each replica", "rows/s", "job", "batch latency", "memory/process")]
+    gen = profile.tokens_per_row > 0
+    if gen:
+        lines.insert(3, f"generation: {profile.tokens_per_row:.0f} tokens a row in the sample; rows/s "
+                        "(tokens/s), latency = time per output token; data parallel only")
+    rows = [("#", "strategy", "replicas", "each replica", "rows/s (tokens/s)" if gen else "rows/s", "job",
+             "per token" if gen else "batch latency", "memory/process")]  # fmt: skip
     for i, p in enumerate(usable[:top], start=1):
         rows.append(
             (
@@ -49,7 +54,7 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
                 p.strategy,
                 _replicas(p, cluster),
                 p.shape,
-                f"{p.rows_per_s:,.0f}",
+                _rate(p) if gen else f"{p.rows_per_s:,.0f}",
                 _duration(p.job_s),
                 f"{p.latency_s * 1e3:,.0f} ms",
                 format_bytes(p.memory_bytes),
@@ -80,10 +85,15 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
     return "\n".join(lines)
 
 
+def _rate(plan: Plan) -> str:
+    return f"{plan.rows_per_s:,.1f} ({plan.rows_per_s * plan.tokens_per_row:,.0f})"
+
+
 def _best_alone(profile: Profile) -> str:
     alone = [r for r in profile.rates if r.processes == 1]
     best = max(alone, key=lambda r: r.rows_per_s)
-    return f"{best.rows_per_s:,.0f} rows/s at {best.threads} thread(s), batch {best.batch_size}"
+    batch = "running" if profile.tokens_per_row else "batch"
+    return f"{best.rows_per_s:,.1f} rows/s at {best.threads} thread(s), {batch} {best.batch_size}"
 
 
 def choice_line(plan: Plan) -> str:
@@ -105,6 +115,7 @@ def plans_json(plans: list[Plan], profile: Profile, cluster: Cluster, work: Work
             "latency_s": p.latency_s if math.isfinite(p.latency_s) else None,
             "memory_bytes": p.memory_bytes, "processes": p.processes, "refused": p.refused or None,
             "reasons": list(p.reasons), "run_args": p.cli_args(),
+            **({"tokens_per_s": p.rows_per_s * p.tokens_per_row} if p.generates else {}),
         }  # fmt: skip
 
     return {

@@ -11,6 +11,10 @@ Candidates, for each node kind (every replica of a layout lives on one node):
 * tensor: `r` replicas of `k` ranks (the counts the family can shard over), `r k t <= cores`;
 * each at every measured batch size.
 
+A text-generation profile (`tokens_per_row` > 0) plans data-parallel layouts only, its
+"batch size" being the sequences a replica runs together (`--max-running`) and its latency
+the time per output token: a step's time, with `b` sequences each getting one token.
+
 A plan is refused (kept in the list, last, with the reason) when a process would need more
 memory than `--worker-memory` or a node has, when one batch's latency misses the target, or
 when it cannot sustain the serving rate. The rest are ranked by throughput (the job's time
@@ -78,6 +82,11 @@ class Plan:
     per_node: tuple[tuple[str, int], ...] = ()  # (node kind, replicas per node)
     refused: str = ""  # why the plan cannot be used, or ""
     reasons: tuple[str, ...] = field(default=())
+    tokens_per_row: float = 0.0  # text generation: tokens generated per row (0: not generation)
+
+    @property
+    def generates(self) -> bool:
+        return self.tokens_per_row > 0
 
     @property
     def shape(self) -> str:
@@ -89,12 +98,14 @@ class Plan:
             if self.ranks > 1
             else "1 process"
         )
-        return f"{inner} x {self.threads} thread{'s' if self.threads > 1 else ''}, batch {self.batch_size}"
+        batch = f"{self.batch_size} running" if self.generates else f"batch {self.batch_size}"
+        return f"{inner} x {self.threads} thread{'s' if self.threads > 1 else ''}, {batch}"
 
     def cli_args(self) -> list[str]:
         """The `distinfer run` flags that give this layout (on the local backend)."""
         base = self.strategy.split(" x ")[-1]
-        args = ["--strategy", base, "--workers", str(self.replicas), "--batch-size", str(self.batch_size)]
+        batch = "--max-running" if self.generates else "--batch-size"
+        args = ["--strategy", base, "--workers", str(self.replicas), batch, str(self.batch_size)]
         args += ["--threads-per-worker", str(self.threads)]
         if self.stages > 1:
             args += ["--stages", str(self.stages)]
@@ -180,6 +191,8 @@ def _combine(
         replicas = sum(n.count * r for n, (r, _, _) in zip(cluster.nodes, choice, strict=True))
         slowest = min(n.speed for n in cluster.nodes)
         latency = max(est.latency_s for _, est, _ in choice) / slowest
+        if profile.tokens_per_row:  # a step: every running sequence's next token
+            latency /= profile.tokens_per_row
         refused = next((why for _, _, why in choice if why), "")
         first = choice[0][1]
         plans.append(Plan(
@@ -188,9 +201,13 @@ def _combine(
             job_s=(work.rows / rate if rate > 0 else math.inf) + profile.startup_s, latency_s=latency,
             memory_bytes=max(est.memory_bytes for _, est, _ in choice), processes=replicas * p * k,
             per_node=tuple((n.kind, r) for n, (r, _, _) in zip(cluster.nodes, choice, strict=True)),
-            refused=refused,
+            refused=refused, tokens_per_row=profile.tokens_per_row,
         ))  # fmt: skip
     return plans
+
+
+def _latency_name(plan: Plan) -> str:
+    return "one output token" if plan.generates else "one batch"
 
 
 def _targets(plan: Plan, work: Workload) -> Plan:
@@ -199,7 +216,7 @@ def _targets(plan: Plan, work: Workload) -> Plan:
     if work.latency_target_s is not None and plan.latency_s > work.latency_target_s:
         return replace(
             plan,
-            refused=f"one batch takes {plan.latency_s * 1e3:.0f} ms, over the "
+            refused=f"{_latency_name(plan)} takes {plan.latency_s * 1e3:.0f} ms, over the "
             f"{work.latency_target_s * 1e3:.0f} ms latency target",
         )
     if work.request_rate is not None and plan.rows_per_s < work.request_rate:
@@ -291,7 +308,7 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
         cost = 1 - plan.rows_per_s / fastest.rows_per_s
         gain = fastest.latency_s / plan.latency_s if plan.latency_s else 1.0
         out.append(
-            f"{plan.strategy} ({plan.shape}) cuts one batch's latency {gain:.1f}x against "
+            f"{plan.strategy} ({plan.shape}) cuts {_latency_name(plan)} {gain:.1f}x against "
             f"{fastest.strategy} ({fastest.shape}) but costs {cost:.0%} throughput here, so it is "
             f"chosen only for the {work.latency_target_s * 1e3:.0f} ms latency target"
             if work.latency_target_s is not None

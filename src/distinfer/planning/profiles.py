@@ -66,6 +66,7 @@ class Profile:
     links: Links = field(default_factory=Links)
     strategies: tuple[str, ...] = ("data",)  # what the model's family supports
     tensor_ranks: tuple[int, ...] = ()  # rank counts the family can shard over
+    tokens_per_row: float = 0.0  # text generation: mean tokens generated per row (0: not generation)
     version: int = PROFILE_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -87,6 +88,7 @@ class Profile:
             links=Links(**data.get("links", {})),
             strategies=tuple(data.get("strategies", ("data",))),
             tensor_ranks=tuple(data.get("tensor_ranks", ())),
+            tokens_per_row=float(data.get("tokens_per_row", 0.0)),
             version=int(data.get("version", 0)),
         )
 
@@ -112,6 +114,12 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "distinfer"
 
 
+def profiles_dir() -> Path:
+    """Where profiles are kept: `$DISTINFER_PROFILES`, else `profiles/` in the cache folder."""
+    root = os.environ.get("DISTINFER_PROFILES")
+    return Path(root) if root else cache_dir() / "profiles"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -127,8 +135,10 @@ def machine_key(cores: int, memory: int) -> str:
     return f"{_cpu_model()} / {cores} cores / {memory / 2**30:.0f} GiB"
 
 
-def profile_path(machine: str, model_identity: dict[str, Any], settings: dict[str, Any]) -> Path:
+def profile_path(
+    machine: str, model_identity: dict[str, Any], settings: dict[str, Any], folder: str = ""
+) -> Path:
     """Where the profile of a model (its family's identity) on a machine is cached."""
     text = json.dumps({"machine": machine, "model": model_identity, "settings": settings}, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return cache_dir() / "profiles" / f"{digest}.json"
+    return profiles_dir() / folder / f"{digest}.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -36,7 +37,7 @@ class ServeConfig:
     worker_gpus: float = 0.0
     worker_resources: dict[str, float] | None = None
     device: Device = "cpu"
-    strategy: Strategy = "data"
+    strategy: Strategy | Literal["auto"] = "auto"  # auto: the top plan of a cached profile (api.serve)
     stages: int | None = None
     cuts: tuple[int, ...] | None = None
     tensor_parallel: int | None = None
@@ -63,10 +64,9 @@ class ServeConfig:
             raise ConfigError(f"--timeout-ms must be > 0, got {self.timeout_ms}")
         if self.model_name is not None and not _NAME.fullmatch(self.model_name):
             raise ConfigError(f"--model-name {self.model_name!r}: use letters, digits, '.', '_' and '-'")
-        if self.strategy not in ("data", "pipeline", "tensor"):  # "auto" plans a batch job
+        if self.strategy not in ("auto", "data", "pipeline", "tensor"):
             raise ConfigError(
-                f"serve --strategy must be data, pipeline or tensor, got {self.strategy!r}; "
-                "'distinfer plan --request-rate R --latency-target MS' ranks the layouts for a server"
+                f"serve --strategy must be auto, data, pipeline or tensor, got {self.strategy!r}"
             )
         self.run_config()  # the shared rules of the replica layout
 

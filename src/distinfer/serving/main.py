@@ -28,14 +28,30 @@ __all__ = ["serve"]
 
 def serve(config: ServeConfig) -> int:
     """Run the server until SIGTERM or Ctrl-C; the exit code (0 after a clean drain)."""
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(laid_out(config)))
+
+
+def laid_out(config: ServeConfig) -> ServeConfig:
+    """`config` with `strategy="auto"` made concrete, as the default `auto` does (no measuring)."""
+    if config.strategy != "auto":
+        return config
+    from ..driver.advisor import auto_serve_layout
+
+    config, line = auto_serve_layout(config, set())
+    if line:
+        log.info("%s", line)
+    return config
 
 
 def worker_spec(config: ServeConfig) -> WorkerSpec:
     """The replicas' spec: the batch engine's, with no input source and a warm-up."""
+    config = laid_out(config)
     run = config.run_config()
     model = with_task(parse_model(config.model), run)
-    problem = model.family.serving_problem(model, config.strategy)
+    strategy = config.strategy
+    if strategy == "auto":  # laid_out made it concrete
+        raise ConfigError("serve: the layout was not planned")
+    problem = model.family.serving_problem(model, strategy)
     if problem is not None:
         raise ConfigError(problem)
     layout = plan_layout(run, model)
