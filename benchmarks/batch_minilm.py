@@ -63,7 +63,7 @@ def distinfer_bench(corpus: Path, rows: int) -> dict[str, float]:
 
 def distinfer_run(corpus: Path, workers: int, out: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", "minilm", "--input", str(corpus),
-           "--output", str(out), "--workers", str(workers), "--threads-per-worker", "1",
+           "--output", str(out), "--strategy", "data", "--workers", str(workers), "--threads-per-worker", "1",
            "--overwrite", "--no-progress"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)

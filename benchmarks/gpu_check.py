@@ -77,7 +77,8 @@ def check_run(size: str, corpus: Path, out: Path, extra: list[str], label: str, 
     import pyarrow.dataset as ds
 
     cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", f"decoder-{size}", "--input", str(corpus),
-           "--output", str(out), "--device", "cuda", "--threads-per-worker", "2", "--no-progress", *extra]
+           "--output", str(out), "--device", "cuda", "--threads-per-worker", "2", "--no-progress",
+           *([] if "--strategy" in extra else ["--strategy", "data"]), *extra]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start

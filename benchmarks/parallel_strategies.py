@@ -65,7 +65,7 @@ def job(options: dict[str, Any]) -> dict[str, Any]:
 def throughputs(model: str, corpus: Path, out: Path, batch_size: int) -> dict[str, dict[str, Any]]:
     common = dict(model=model, input=str(corpus), threads_per_worker=1, batch_size=batch_size, overwrite=True)
     layouts = {
-        "data": dict(workers=2),
+        "data": dict(workers=2, strategy="data"),
         "pipeline": dict(workers=1, strategy="pipeline", stages=2),
         "tensor": dict(workers=1, strategy="tensor", tensor_parallel=2),
     }
@@ -115,7 +115,8 @@ def big_decoder(corpus: Path, out: Path) -> dict[str, Any]:
     common = dict(model="decoder-1b", input=str(corpus), worker_memory="2GiB", batch_size=4, overwrite=True)
     refused = subprocess.run(
         [sys.executable, "-m", "distinfer.cli", "run", "--model", "decoder-1b", "--input", str(corpus),
-         "--output", str(out / "1b-data"), "--worker-memory", "2GiB"], capture_output=True, text=True)
+         "--output", str(out / "1b-data"), "--worker-memory", "2GiB", "--strategy", "data"],
+        capture_output=True, text=True)
     t = time.perf_counter()
     result = job({**common, "workers": 1, "strategy": "pipeline", "threads_per_worker": 1,
                   "output": str(out / "1b-pipe")})

@@ -75,8 +75,8 @@ print(json.dumps({"rows": rows, "init_s": t_init, "pipeline_s": t_end - t1,
 
 def run_distinfer(corpus: Path, out: Path, backend: str) -> dict[str, float]:
     cmd = [sys.executable, "-m", "distinfer.cli", "run", "--model", "minilm", "--input", str(corpus),
-           "--output", str(out), "--workers", "2", "--threads-per-worker", "1", "--overwrite",
-           "--no-progress", "--backend", backend]
+           "--output", str(out), "--strategy", "data", "--workers", "2", "--threads-per-worker", "1",
+           "--overwrite", "--no-progress", "--backend", backend]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -769,7 +769,8 @@ def offline_throughput(sentences: list[str], args: argparse.Namespace, workdir: 
     corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     out_dir = workdir / "offline-out"
     cmd = [*distinfer_executable(), "run", "--model", MODEL, "--input", str(corpus), "--output", str(out_dir),
-           "--workers", str(args.replicas), "--threads-per-worker", "1", "--no-progress", "--overwrite"]
+           "--strategy", "data", "--workers", str(args.replicas), "--threads-per-worker", "1",
+           "--no-progress", "--overwrite"]
     if args.offline_batch_size:
         cmd += ["--batch-size", str(args.offline_batch_size)]
     print(f"[offline] {' '.join(cmd)}", flush=True)

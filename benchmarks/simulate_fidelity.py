@@ -124,6 +124,8 @@ def run_job(
         str(data),
         "--output",
         str(out),
+        "--strategy",
+        "data",
         "--workers",
         "2",
         "--threads-per-worker",
