@@ -7,10 +7,11 @@ For each case, in one run on this machine (nothing else should be running):
             and the top plan's neighbour at another batch size), each a real
             `distinfer run` with the plan's own flags, each in its own driver process
   compare   throughput: the run's rows/s once its first worker was ready against the plan's
-            rows/s; latency: one batch's time in the run (a data-parallel worker's
-            preprocessing and model time per batch; a pipeline's stages' busy and
-            communication time per micro-batch, summed; a tensor-parallel group's forward
-            time per batch) against the plan's batch latency
+            rows/s; latency: one batch's time in the run, per batch of the plan's size
+            (a data-parallel worker's preprocessing and model time; a pipeline's stages'
+            busy and communication time, summed; a tensor-parallel group's forward time;
+            a group's padded batches may be cut smaller by length, so its time is taken
+            per row x the batch size) against the plan's batch latency
 
 The cases (the issue's): `minilm` over 4,000 verses; `decoder-base` with and without a
 latency target (the target is 0.7 x the top plan's batch latency, so that another plan must
@@ -59,9 +60,9 @@ class Case:
 
 CASES = [
     Case("minilm", "minilm", 4000),
-    Case("decoder-base", "decoder-base", 128, block_size=16),
-    Case("decoder-base-latency", "decoder-base", 128, block_size=16, latency_from="decoder-base"),
-    Case("decoder-1b-2GiB", "decoder-1b", 16, ["--worker-memory", "2GiB"], block_size=8),
+    Case("decoder-base", "decoder-base", 256, block_size=16),
+    Case("decoder-base-latency", "decoder-base", 256, block_size=16, latency_from="decoder-base"),
+    Case("decoder-1b-2GiB", "decoder-1b", 16, ["--worker-memory", "2GiB"], block_size=16),
     Case("onnx-mlp", "onnx", 200_000, block_size=20_000),
     Case("gemma3-270m", "gemma3-270m", 128, ["--max-tokens", "32", "--ignore-eos"], block_size=32),
 ]
@@ -158,11 +159,11 @@ def measured_latency(report: dict[str, Any], batch_size: int) -> float | None:
         group, gen = w.get("group"), w.get("generation")
         if gen and gen["steps"]:  # text generation: one step makes every running sequence's next token
             values.append(gen["model_s"] / gen["steps"])
-        elif group and group.get("micro_batches"):
+        elif group and w["rows"]:  # per `batch_size` rows (a group may cut smaller batches)
             if group["kind"] == "stage":
-                values.append((sum(group["busy_s"]) + sum(group["comm_s"])) / group["micro_batches"])
+                values.append((sum(group["busy_s"]) + sum(group["comm_s"])) * batch_size / w["rows"])
             else:
-                values.append(group["wall_s"] / group["micro_batches"])
+                values.append(group["wall_s"] * batch_size / w["rows"])
         elif w["rows"]:
             seconds = w["seconds"]
             batches = math.ceil(w["rows"] / batch_size)
@@ -234,7 +235,8 @@ def run_case(
     if case.latency_from:
         base = tops.get(case.latency_from)
         if base is None:
-            return {"case": case.name, "skipped": f"needs the {case.latency_from} case first"}
+            why = f"needs the {case.latency_from} case first"
+            return {"case": case.name, "rows": case.rows, "skipped": why}
         target_ms = 0.7 * base["latency_s"] * 1e3
         extra = ["--latency-target", f"{target_ms:.0f}ms"]
     t = time.perf_counter()
@@ -242,7 +244,7 @@ def run_case(
     plan_s = time.perf_counter() - t
     picked = choose(planned["plans"], args.plans)
     if not picked:
-        return {"case": case.name, "skipped": "no usable plan", "plan_s": plan_s}
+        return {"case": case.name, "rows": case.rows, "skipped": "no usable plan", "plan_s": plan_s}
     tops[case.name] = picked[0]
     rows = []
     for i, p in enumerate(picked):
@@ -279,7 +281,7 @@ def run_case(
 
 
 def table(result: dict[str, Any]) -> str:
-    head = f"{result['case']} ({result.get('rows', '?'):,} rows {' '.join(result.get('extra', []))})".rstrip()
+    head = f"{result['case']} ({result['rows']:,} rows {' '.join(result.get('extra', []))})".rstrip()
     if "skipped" in result:
         return f"{head}: skipped, {result['skipped']}"
     lines = [

@@ -257,3 +257,14 @@ def test_a_generation_profile_plans_running_sequences_and_the_time_per_token() -
     assert (best.replicas, best.batch_size) == (2, 8) and best.latency_s == pytest.approx(8 / (2.0 * 0.9) / 32)  # contention 0.9
     assert any("one output token takes 278 ms, over the 150 ms" in p.refused for p in tight)
     assert any("cuts one output token" in r and "150 ms latency target" in r for r in best.reasons), best.reasons
+
+
+def test_a_model_that_needs_more_stages_than_cores_gets_them_one_thread_each() -> None:
+    layers = _layers(weight=400 * MiB)  # 3.9 GiB: at least 4 stages of 2 GiB, on 2 cores
+    prof = _profile(layers=layers, weight_bytes=10 * 400 * MiB, worker_rss=10 * 400 * MiB + RUNTIME_RESERVE)
+    plans = make_plans(prof, _local(cores=2, memory=32 * GiB), Workload(rows=1000, worker_memory=2 * GiB))
+    top = _top(plans)
+    assert top.stages >= 4 and top.threads == 1 and top.replicas == 1 and top.memory_bytes <= 2 * GiB
+    # the stages share 2 cores: their contention is the time-shared one
+    assert any(f"{top.stages} busy processes of 1 thread(s) run at 0.45x" in r for r in top.reasons), top.reasons
+    assert max(p.stages for p in plans) <= top.stages + 1 <= len(layers)

@@ -54,7 +54,7 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
                 p.strategy,
                 _replicas(p, cluster),
                 p.shape,
-                _rate(p) if gen else f"{p.rows_per_s:,.0f}",
+                _rate(p) if gen else rate_text(p.rows_per_s),
                 _duration(p.job_s),
                 f"{p.latency_s * 1e3:,.0f} ms",
                 format_bytes(p.memory_bytes),
@@ -86,7 +86,12 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
 
 
 def _rate(plan: Plan) -> str:
-    return f"{plan.rows_per_s:,.1f} ({plan.rows_per_s * plan.tokens_per_row:,.0f})"
+    return f"{rate_text(plan.rows_per_s)} ({rate_text(plan.rows_per_s * plan.tokens_per_row)})"
+
+
+def rate_text(rate: float) -> str:
+    """Whole numbers from 100 up, three significant digits below (0.16, not 0)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def _best_alone(profile: Profile) -> str:
@@ -101,7 +106,7 @@ def choice_line(plan: Plan) -> str:
     why = plan.reasons[0] if plan.reasons else "the top plan"
     return (
         f"--strategy auto chose {plan.strategy}: {plan.replicas} replica(s) of {plan.shape}, "
-        f"predicted {plan.rows_per_s:,.0f} rows/s ({why})"
+        f"predicted {rate_text(plan.rows_per_s)} rows/s ({why})"
     )
 
 

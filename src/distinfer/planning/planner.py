@@ -7,7 +7,8 @@ no clock is read, so the unit tests give fixed profiles and check the choices.
 Candidates, for each node kind (every replica of a layout lives on one node):
 
 * data: `r` replicas of `t` threads, `r t <= cores`;
-* pipeline: `r` replicas of `p` stages (2 <= p <= layers) of `t` threads, `r p t <= cores`;
+* pipeline: `r` replicas of `p` stages (2 <= p <= layers) of `t` threads, `r p t <= cores`,
+  or one replica of more stages than cores (1 thread each) when the model needs them to fit;
 * tensor: `r` replicas of `k` ranks (the counts the family can shard over), `r k t <= cores`;
 * each at every measured batch size.
 
@@ -119,11 +120,18 @@ def _strategy(replicas: int, stages: int, ranks: int) -> str:
     return f"data x {inner}" if replicas > 1 and inner != "data" else inner
 
 
-def _shapes(profile: Profile, node: NodeKind) -> list[tuple[int, int]]:
-    """(stages, ranks) of one replica that the model's family supports on this node."""
+def _shapes(profile: Profile, node: NodeKind, work: Workload) -> list[tuple[int, int]]:
+    """(stages, ranks) of one replica that the model's family supports on this node: up to a
+    stage per core, and when the model is larger than a worker's memory up to one more than
+    the fewest stages that fit it, however many cores (the stages then share the cores)."""
     out = [(1, 1)]
     if "pipeline" in profile.strategies and len(profile.layers) >= 2:
-        out += [(p, 1) for p in range(2, min(len(profile.layers), node.cores) + 1)]
+        most = node.cores
+        limit = work.worker_memory if work.worker_memory is not None else node.memory
+        if profile.weight_bytes + RUNTIME_RESERVE > limit:
+            fewest = min_stages_for_memory(profile.layers, max(0, limit - RUNTIME_RESERVE))
+            most = max(most, (fewest or 0) + 1)
+        out += [(p, 1) for p in range(2, min(len(profile.layers), most) + 1)]
     if "tensor" in profile.strategies:
         out += [(1, k) for k in profile.tensor_ranks if 1 < k <= node.cores]
     return out
@@ -161,7 +169,7 @@ def _node_options(
     """(replicas per node, estimate, refusal) for every replica count that fits the cores."""
     procs = p * k
     out = []
-    for r in range(1, node.cores // (procs * t) + 1):
+    for r in range(1, max(1, node.cores // (procs * t)) + 1):
         try:
             est = _estimate(profile, node, r, p, k, t, b, work)
         except ConfigError as exc:  # no cut fits the memory limit
@@ -240,8 +248,9 @@ def make_plans(profile: Profile, cluster: Cluster, work: Workload) -> list[Plan]
     batches = work.batch_sizes or tuple(sorted({r.batch_size for r in profile.rates if r.processes == 1}))
     node_cores = min(n.cores for n in cluster.nodes)
     plans: list[Plan] = []
-    for p, k in _shapes(profile, min(cluster.nodes, key=lambda n: n.cores)):
-        for t in (t for t in range(1, node_cores + 1) if p * k * t <= node_cores):
+    for p, k in _shapes(profile, min(cluster.nodes, key=lambda n: n.cores), work):
+        # more processes than cores (a pipeline that memory forces): one thread each
+        for t in (t for t in range(1, node_cores + 1) if p * k * t <= max(node_cores, p * k)):
             for b in batches:
                 plans += [_targets(plan, work) for plan in _combine(profile, cluster, p, k, t, b, work)]
     if not plans:
