@@ -69,7 +69,7 @@ def test_data_strategy_refuses_a_model_larger_than_worker_memory(tmp_path: Path,
     with pytest.raises(distinfer.ConfigError, match=r"'decoder-1b' has 4.6 GiB of weights, more than "
                                                     r"--worker-memory 2GiB leaves.*--strategy pipeline --stages 4"):
         distinfer.run(model="decoder-1b", input=str(small_corpus), output=str(tmp_path / "o"),
-                      worker_memory="2GiB")
+                      worker_memory="2GiB", strategy="data")
 
 
 def test_pipeline_needs_more_layers_than_stages(tmp_path: Path, small_corpus: Path) -> None:

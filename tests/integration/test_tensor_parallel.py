@@ -131,7 +131,8 @@ def test_models_that_cannot_be_sharded_are_refused_before_any_worker_starts(
         distinfer.run(model="decoder-small", input=str(small_corpus), output=str(tmp_path / "o"),
                       strategy="tensor", tensor_parallel=3)
     with pytest.raises(distinfer.ConfigError, match="add --strategy tensor"):
-        distinfer.run(model="decoder-small", input=str(small_corpus), output=str(tmp_path / "o"), tensor_parallel=2)
+        distinfer.run(model="decoder-small", input=str(small_corpus), output=str(tmp_path / "o"), strategy="data",
+                      tensor_parallel=2)
 
 
 def test_ranks_that_cannot_run_here_are_refused_before_any_output(small_corpus: Path, tmp_path: Path) -> None:

@@ -72,6 +72,15 @@ def test_a_profile_measured_over_another_input_chooses_the_layout(config: RunCon
     assert (laid.workers, laid.threads_per_worker, laid.batch_size) == (2, 1, 8)
 
 
+def test_without_a_profile_a_model_larger_than_the_worker_memory_is_cut_into_stages(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("a row\n", encoding="utf-8")
+    big = RunConfig(model="decoder-1b", input=str(tmp_path / "x.txt"), output=str(tmp_path / "o"),
+                    worker_memory="2GiB")  # fmt: skip
+    laid, line = auto_layout(big, {"worker_memory"})
+    assert laid.strategy == "pipeline" and laid.stages is None  # the fewest stages that fit
+    assert "4.6 GiB of weights is more than --worker-memory 2GiB" in line
+
+
 def test_stages_or_ranks_given_name_the_strategy_without_planning(config: RunConfig) -> None:
     _cache(RATES)
     piped = RunConfig(model=MODEL, input=config.input, output=config.output, stages=2)

@@ -229,8 +229,10 @@ def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path
     short.write_text("".join(f"row {i}\n" for i in range(100)), encoding="utf-8")
     assert [(b.start, b.stop) for b in _sample_blocks(open_source(str(short)), 256)] == [(0, 100)]
     assert [(b.start, b.rows) for b in _sample_blocks(source, 2)] == [(0, 1), (5000, 1)]
-    # as many rows as one thread runs in about 2 s: all 256 of a fast model, 2 of a slow one
+    # as many rows as one thread runs in about 2 s: all 256 of a fast model, 2 of a slow one,
+    # and at least 16 where they take at most 8 s
     assert (sample_rows(0.001, 256), sample_rows(0.05, 256), sample_rows(6.0, 256)) == (256, 40, 2)
+    assert (sample_rows(0.3, 256), sample_rows(0.9, 256), sample_rows(3.0, 256), sample_rows(0.3, 10)) == (16, 8, 2, 10)
 
 
 def test_a_generation_profile_plans_running_sequences_and_the_time_per_token() -> None:

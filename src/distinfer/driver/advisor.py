@@ -27,10 +27,11 @@ from ..planning.cluster import Cluster, load_cluster, this_machine
 from ..planning.describe import choice_line
 from ..planning.planner import Plan, Workload, make_plans
 from ..planning.profiles import Profile
-from ..planning.sizes import parse_memory
+from ..planning.sizes import format_bytes, parse_memory
 from .profiling import GENERATION_RUNNING, ProfileRequest, get_profile
 
 if TYPE_CHECKING:
+    from ..models.family import ModelSpec
     from ..serving.config import ServeConfig
 
 __all__ = ["Advice", "advise", "auto_layout", "auto_serve_layout"]
@@ -155,12 +156,7 @@ def auto_layout(config: RunConfig, given: set[str]) -> tuple[RunConfig, str]:
         measure=explicit,
     )  # fmt: skip
     if advice is None:
-        threads = config.threads_per_worker or "the cores divided among them"
-        return replace(config, strategy="data"), (
-            f"--strategy auto: data parallel, {config.workers} replicas x {threads} thread(s): no profile "
-            f"of {config.model} on this machine yet ('distinfer plan --model {config.model} --input FILE', "
-            "or '--strategy auto' by name, measures it once; later runs plan from it)"
-        )
+        return _unprofiled(config, model)
     top = advice.top
     batch = "max_running" if top.generates else "batch_size"
 
@@ -181,6 +177,26 @@ def auto_layout(config: RunConfig, given: set[str]) -> tuple[RunConfig, str]:
     base = plan.strategy.split(" x ")[-1]
     updates = {k: v for k, v in layout(plan).items() if k not in given}
     return replace(config, strategy=base, **updates), choice_line(plan)  # type: ignore[arg-type]
+
+
+def _unprofiled(config: RunConfig, model: ModelSpec) -> tuple[RunConfig, str]:
+    """The default `auto` with no profile: data parallel, or the fewest pipeline stages that
+    fit when the model's weights (known without loading it) exceed `--worker-memory`."""
+    from .layout import usable_memory
+
+    hint = (f"no profile of {config.model} on this machine yet ('distinfer plan --model "
+            f"{config.model} --input FILE', or '--strategy auto' by name, measures it once; "
+            "later runs plan from it)")  # fmt: skip
+    limit = usable_memory(config.worker_memory)
+    weights = model.family.weight_bytes(model) if limit is not None else None
+    if limit is not None and weights and sum(weights) > limit:
+        return replace(config, strategy="pipeline"), (
+            f"--strategy auto: pipeline, as few stages as fit: {format_bytes(sum(weights))} of weights "
+            f"is more than --worker-memory {config.worker_memory} leaves for one process; {hint}"
+        )
+    threads = config.threads_per_worker or "the cores divided among them"
+    line = f"--strategy auto: data parallel, {config.workers} replicas x {threads} thread(s): {hint}"
+    return replace(config, strategy="data"), line
 
 
 #: the server options `auto` may set; one the user gave keeps its value

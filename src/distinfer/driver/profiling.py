@@ -4,10 +4,11 @@ Every figure is measured in fresh spawned processes, as a worker runs: the same 
 same preparation and batching (`run_block`), threads pinned before torch loads.
 
 1. One process alone at 1 thread and at all cores, over a sample of the input (runs of rows
-   spread over the whole input; as many rows as one thread runs in about 2 s, 2 to
-   `sample`; an untimed pass at every batch size first), at each batch size: rows/s of a
-   worker's whole pass over them (read, run, write a part). The first one also gives the
-   start-up cost (spawn, imports, the model's load) and a worker's peak memory.
+   spread over the whole input; as many rows as one thread runs in about 2 s, at least
+   16 where they take at most 8 s, 2 to `sample`; an untimed pass at every batch size
+   first), at each batch size: rows/s of a worker's whole pass over them (read, run, write
+   a part). The first one also gives the start-up cost (spawn, imports, the model's load)
+   and a worker's peak memory.
 2. `cores` one-thread processes at once, started together after all have loaded: each one's
    rows/s, the measured contention.
 3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
@@ -49,7 +50,9 @@ __all__ = ["ProfileRequest", "get_profile"]
 
 MIN_SECONDS = 2.0  # each rate is timed over whole passes of the sample, at least this long
 SAMPLE_CHUNKS = 8  # the sample is this many runs of rows, spread over the input
-PASS_S = 2.0  # ... and as many rows as one process at 1 thread runs in about this long
+PASS_S = 2.0  # ... and as many rows as one process at 1 thread runs in about this long,
+FEW_ROWS = 16  # ... but at least this many where a pass of them takes at most
+LONG_PASS_S = 8.0  # ... this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +89,15 @@ def _sample_blocks(source: SourceSpec, rows: int) -> list[Block]:
 
 def sample_rows(per_row_s: float, most: int) -> int:
     """Rows in the sample: a pass of about `PASS_S` at the first process's speed, at least
-    2 rows (a slow model is still measured over more than one) and at most `most`."""
-    return max(2, min(most, int(PASS_S / max(per_row_s, 1e-9))))
+    2 rows (a slow model is still measured over more than one) and at most `most`. Fewer
+    than `FEW_ROWS` are made up to that many where a pass stays within `LONG_PASS_S`: a
+    handful of rows is one padded batch, unlike a job's length-sorted batches, and which
+    few rows were drawn would swing the rate (by 50% seen on decoder-base)."""
+    per_row = max(per_row_s, 1e-9)
+    rows = int(PASS_S / per_row)
+    if rows < FEW_ROWS:
+        rows = min(FEW_ROWS, max(rows, int(LONG_PASS_S / per_row)))
+    return max(2, min(most, rows))
 
 
 def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) -> None:

@@ -13,7 +13,8 @@ Pure arithmetic over measured figures; docs/planning.md writes the same formulas
   share them in time: `kappa(C) * C / (n t)`.
 * Data parallel, `R` replicas: `R * kappa(R, t) * X(t, b)`; a batch's latency `b / (kappa X)`.
 * Pipeline, `p` stages cut by `balanced_cut` over the measured layer times: stage `k` takes
-  `s_k * b / (kappa(R p, t) X(t, b)) + link(a_k)`, where `s_k` is the stage's share of the
+  `s_k * b / (kappa(R min(p, m), t) X(t, b)) + link(a_k)` (no more than `m` stages are busy at
+  once), where `s_k` is the stage's share of the
   layer time and `link(a) = latency + a / bandwidth` moves the activation `a` it sends. A
   replica makes `b / max_k T_k` rows/s in steady state, times `m / (m + p - 1)` for the
   bubble of a block of `m` micro-batches. Latency: `sum_k T_k`.
@@ -165,8 +166,10 @@ def estimate_pipeline(
     limit = None if memory_limit is None else max(0, memory_limit - RUNTIME_RESERVE)
     plan = balanced_cut(charged, stages, limit)
     total = math.fsum(c.seconds for c in layers) or 1.0
+    # a block of m < p micro-batches never has more than m stages busy at once
+    busy = replicas * min(stages, max(1, micro_batches))
     per_batch = batch_size / (
-        single_rate(profile, threads, batch_size) * contention(profile, replicas * stages, threads, cores)
+        single_rate(profile, threads, batch_size) * contention(profile, busy, threads, cores)
     )
     links = profile.links
     times = []
