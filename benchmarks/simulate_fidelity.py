@@ -192,7 +192,7 @@ def simulate(args: argparse.Namespace, calib: dict[str, Any], faults: list[str],
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"distinfer simulate failed:\n{done.stderr[-2000:]}")
-    return float(json.loads(done.stdout)["makespan_s"])
+    return float(json.loads(done.stdout)["results"][0]["makespan_s"])
 
 
 def one_backend(args: argparse.Namespace, backend: str, tmp: Path, data: Path) -> dict[str, Any]:
