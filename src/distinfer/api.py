@@ -43,12 +43,10 @@ def run(config: RunConfig | None = None, /, **options: Any) -> JobReport:
         if options:
             config = RunConfig.build({**_as_dict(config), **options})
     if config.strategy == "auto":
-        from .driver.advisor import auto_layout
-        from .logs import log
+        from .driver.advisor import announce, auto_layout
 
         config, line = auto_layout(config, given)
-        if line:
-            log.info("%s", line)
+        announce(line)
     return run_job(config)
 
 
@@ -106,12 +104,10 @@ def serve(config: ServeConfig | None = None, /, **options: Any) -> int:
         if options:
             config = ServeConfig(**{**_as_dict(config), **options})
     if config.strategy == "auto":
-        from .driver.advisor import auto_serve_layout
-        from .logs import log
+        from .driver.advisor import announce, auto_serve_layout
 
         config, line = auto_serve_layout(config, given)
-        if line:
-            log.info("%s", line)
+        announce(line)
     try:
         from .serving.main import serve as run_server
     except ImportError as exc:

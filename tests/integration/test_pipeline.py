@@ -86,8 +86,9 @@ def test_each_stage_process_stays_within_worker_memory(tmp_path: Path, corpus_li
     data.write_text("\n".join(corpus_lines[:40]) + "\n")
     options = dict(model="decoder-base", input=str(data), worker_memory="1GiB", batch_size=4, block_size=20)
     with pytest.raises(distinfer.ConfigError, match=r"'decoder-base' has 515 MiB of weights.*--stages 2"):
-        distinfer.run(**options, output=str(tmp_path / "data"))
-    report = distinfer.run(**options, output=str(tmp_path / "pipe"), strategy="pipeline", workers=1)
+        distinfer.run(**options, output=str(tmp_path / "data"), strategy="data")
+    # the default strategy (auto, no profile) cuts it into the fewest stages that fit
+    report = distinfer.run(**options, output=str(tmp_path / "pipe"), workers=1)
     [worker] = report.worker_stats
     assert worker.group is not None and len(worker.group.peak_rss) == 2
     assert all(0 < peak <= 2**30 for peak in worker.group.peak_rss), worker.group.peak_rss

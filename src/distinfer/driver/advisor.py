@@ -34,7 +34,19 @@ if TYPE_CHECKING:
     from ..models.family import ModelSpec
     from ..serving.config import ServeConfig
 
-__all__ = ["Advice", "advise", "auto_layout", "auto_serve_layout"]
+__all__ = ["Advice", "advise", "announce", "auto_layout", "auto_serve_layout"]
+
+#: how the line of a default `auto` with no profile begins; it is logged at DEBUG only, so
+#: that an ordinary run (or its one-line error) prints nothing more than before
+NO_PROFILE = "--strategy auto: data parallel"
+
+
+def announce(line: str) -> None:
+    """Log what `auto` chose: at INFO, but at DEBUG the plain data-parallel fallback."""
+    from ..logs import log
+
+    if line:
+        (log.debug if line.startswith(NO_PROFILE) else log.info)("%s", line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +207,7 @@ def _unprofiled(config: RunConfig, model: ModelSpec) -> tuple[RunConfig, str]:
             f"is more than --worker-memory {config.worker_memory} leaves for one process; {hint}"
         )
     threads = config.threads_per_worker or "the cores divided among them"
-    line = f"--strategy auto: data parallel, {config.workers} replicas x {threads} thread(s): {hint}"
+    line = f"{NO_PROFILE}, {config.workers} replicas x {threads} thread(s): {hint}"
     return replace(config, strategy="data"), line
 
 
@@ -221,7 +233,7 @@ def auto_serve_layout(config: ServeConfig, given: set[str]) -> tuple[ServeConfig
                 "--input SAMPLE' measures one (a sample of the requests' rows or prompts)")  # fmt: skip
         if "strategy" in given:
             raise ConfigError(f"serve --strategy auto: {hint}, or give --strategy data, pipeline or tensor")
-        line = f"--strategy auto: data parallel, {config.replicas} replicas: {hint}"
+        line = f"{NO_PROFILE}, {config.replicas} replicas: {hint}"
         return replace(config, strategy="data"), line
     memory = parse_memory(config.worker_memory) if config.worker_memory else None
     work = Workload(rows=1, worker_memory=memory)

@@ -23,7 +23,6 @@ from ..data.blocks import Block
 from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
 from ..errors import ConfigError, ErrorInfo, InputError, WorkersNotReadyError
-from ..logs import log
 from ..models.families import parse_model
 from ..models.family import ModelSpec
 from ..planning import parse_memory
@@ -244,10 +243,9 @@ def run_job(
     """Run a batch job to completion; raises a `DistinferError` subclass on failure. A
     config still at `strategy="auto"` is laid out as the default `auto` does (no measuring)."""
     if config.strategy == "auto":
-        from .advisor import auto_layout
+        from .advisor import announce, auto_layout
 
         config, line = auto_layout(config, set())
-        if line:
-            log.info("%s", line)
+        announce(line)
     factory = backend_factory or (lambda spec: make_backend(config, spec))
     return _Job(config, factory).run()

@@ -35,11 +35,10 @@ def laid_out(config: ServeConfig) -> ServeConfig:
     """`config` with `strategy="auto"` made concrete, as the default `auto` does (no measuring)."""
     if config.strategy != "auto":
         return config
-    from ..driver.advisor import auto_serve_layout
+    from ..driver.advisor import announce, auto_serve_layout
 
     config, line = auto_serve_layout(config, set())
-    if line:
-        log.info("%s", line)
+    announce(line)
     return config
 
 
