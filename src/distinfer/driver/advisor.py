@@ -136,10 +136,6 @@ def _advise(
     return Advice(profile, resources, work, make_plans(profile, resources, work))
 
 
-#: the options `--strategy auto` may set; one the user gave keeps its value
-AUTO_FIELDS = ("workers", "threads_per_worker", "batch_size", "stages", "tensor_parallel", "max_running")
-
-
 def _named_strategy(stages: int | None, cuts: object, ranks: int | None, comm: str) -> str | None:
     """The strategy that layout options name by themselves: a pipeline's, a tensor group's."""
     if stages is not None or cuts:
@@ -163,21 +159,18 @@ def auto_layout(config: RunConfig, given: set[str]) -> tuple[RunConfig, str]:
     model = with_task(parse_model(config.model), config)
     explicit = "strategy" in given
     advice = _advise(
-        config.model, config.input, None, None, None, None, config.worker_memory,
-        config.block_size or 1024, (), config.input_format, config.column, False, model.generation,
-        measure=explicit,
+        config.model, config.input, rows=None, cluster=None, latency_target_s=None, request_rate=None,
+        worker_memory=config.worker_memory, block_size=config.block_size or 1024, batch_sizes=(),
+        input_format=config.input_format, column=config.column, refresh=False,
+        generation=model.generation, measure=explicit,
     )  # fmt: skip
     if advice is None:
         return _unprofiled(config, model)
     top = advice.top
-    batch = "max_running" if top.generates else "batch_size"
 
     def layout(plan: Plan) -> dict[str, int | None]:
-        return {
-            "workers": plan.replicas, "threads_per_worker": plan.threads, batch: plan.batch_size,
-            "stages": plan.stages if plan.stages > 1 else None,
-            "tensor_parallel": plan.ranks if plan.ranks > 1 else None,
-        }  # fmt: skip
+        batch = "max_running" if plan.generates else "batch_size"
+        return _layout_fields(plan, "workers", "threads_per_worker", batch)
 
     # the best plan that agrees with every layout option the user gave, else the top plan
     # with those options kept
@@ -189,6 +182,19 @@ def auto_layout(config: RunConfig, given: set[str]) -> tuple[RunConfig, str]:
     base = plan.strategy.split(" x ")[-1]
     updates = {k: v for k, v in layout(plan).items() if k not in given}
     return replace(config, strategy=base, **updates), choice_line(plan)  # type: ignore[arg-type]
+
+
+def _layout_fields(plan: Plan, replicas: str, threads: str, batch: str | None) -> dict[str, int | None]:
+    """The config fields that give `plan`'s layout, under the names a job or a server uses
+    (`batch` None: the batch size is not set)."""
+    fields: dict[str, int | None] = {
+        replicas: plan.replicas, threads: plan.threads,
+        "stages": plan.stages if plan.stages > 1 else None,
+        "tensor_parallel": plan.ranks if plan.ranks > 1 else None,
+    }  # fmt: skip
+    if batch is not None:
+        fields[batch] = plan.batch_size
+    return fields
 
 
 def _unprofiled(config: RunConfig, model: ModelSpec) -> tuple[RunConfig, str]:
@@ -209,10 +215,6 @@ def _unprofiled(config: RunConfig, model: ModelSpec) -> tuple[RunConfig, str]:
     threads = config.threads_per_worker or "the cores divided among them"
     line = f"{NO_PROFILE}, {config.workers} replicas x {threads} thread(s): {hint}"
     return replace(config, strategy="data"), line
-
-
-#: the server options `auto` may set; one the user gave keeps its value
-SERVE_FIELDS = ("replicas", "threads_per_replica", "stages", "tensor_parallel", "max_running")
 
 
 def auto_serve_layout(config: ServeConfig, given: set[str]) -> tuple[ServeConfig, str]:
@@ -237,13 +239,10 @@ def auto_serve_layout(config: ServeConfig, given: set[str]) -> tuple[ServeConfig
         return replace(config, strategy="data"), line
     memory = parse_memory(config.worker_memory) if config.worker_memory else None
     work = Workload(rows=1, worker_memory=memory)
-    plan = Advice(profile, this_machine(), work, make_plans(profile, this_machine(), work)).top
-    chosen = {
-        "replicas": plan.replicas, "threads_per_replica": plan.threads,
-        "stages": plan.stages if plan.stages > 1 else None,
-        "tensor_parallel": plan.ranks if plan.ranks > 1 else None,
-        **({"max_running": plan.batch_size} if plan.generates else {}),
-    }  # fmt: skip
+    here = this_machine()
+    plan = Advice(profile, here, work, make_plans(profile, here, work)).top
+    batch = "max_running" if plan.generates else None
+    chosen = _layout_fields(plan, "replicas", "threads_per_replica", batch)
     updates = {k: v for k, v in chosen.items() if k not in given}
     base = plan.strategy.split(" x ")[-1]
     return replace(config, strategy=base, **updates), choice_line(plan)  # type: ignore[arg-type]

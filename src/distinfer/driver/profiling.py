@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data.blocks import Block
 from ..data.sources import SourceSpec
@@ -45,6 +45,9 @@ from ..logs import log
 from ..messages import GenerationOptions
 from ..planning.cluster import this_machine
 from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
+
+if TYPE_CHECKING:
+    from ..models.family import ModelSpec
 
 __all__ = ["ProfileRequest", "get_profile"]
 
@@ -335,14 +338,14 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
     return profile
 
 
-def latest_profile(spec: Any) -> Profile | None:
+def latest_profile(spec: ModelSpec) -> Profile | None:
     """The last profile measured of the model `spec` (with its generation settings) on this
     machine, over any input; None when there is none."""
     machine = this_machine().nodes[0]
     return Profile.load(_latest_path(machine_key(machine.cores, machine.memory), spec, spec.generation))
 
 
-def _latest_path(machine: str, spec: Any, generation: GenerationOptions | None) -> Path:
+def _latest_path(machine: str, spec: ModelSpec, generation: GenerationOptions | None) -> Path:
     """Where the last profile measured of a model on this machine is kept, whatever its
     input, for a run that plans without measuring (the default `--strategy auto`)."""
     gen = {k: getattr(generation, k) for k in ("max_tokens", "ignore_eos", "dtype")} if generation else None
