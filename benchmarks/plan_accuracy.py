@@ -4,7 +4,8 @@ For each case, in one run on this machine (nothing else should be running):
   plan      `distinfer plan --json` (the profile measured first, or taken from the cache;
             `--refresh-profile` measures again), the ranked plans
   runs      the top plan and the main alternatives (the best plan of every other strategy,
-            and the top plan's neighbour at another batch size), each a real
+            the top plan's neighbour at another batch size, then the next plans in rank),
+            each a real
             `distinfer run` with the plan's own flags, each in its own driver process
   compare   throughput: the run's rows/s once its first worker was ready against the plan's
             rows/s; latency: one batch's time in the run, per batch of the plan's size
@@ -132,7 +133,8 @@ def plans(case: Case, model: str, data: Path, extra: list[str], refresh: bool) -
 
 
 def choose(ranked: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
-    """The top plan, the best of every other strategy, then the top's other batch sizes."""
+    """The top plan, the best of every other strategy, the top's other batch sizes, then
+    the next plans in rank while fewer than `most` are picked."""
     usable = [p for p in ranked if not p["refused"]]
     if not usable:
         return []
@@ -149,6 +151,9 @@ def choose(ranked: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
         ):
             picked.append(p)
             break
+    for p in usable[1:]:  # too few alternatives: the next plans in rank
+        if len(picked) < most and p not in picked:
+            picked.append(p)
     return picked[:most]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -90,15 +91,50 @@ def test_data_parallel_replicas_beat_threads_when_contention_costs_less_than_thr
 
 def test_the_pipeline_prediction_is_the_bottleneck_stage_with_its_bubble() -> None:
     prof = _profile()
-    plans = make_plans(prof, _local(), Workload(rows=1000, block_size=256))
+    # blocks of 256 from the first (no ramp): 4 blocks of 250 rows, 8 micro-batches of 32 each
+    plans = make_plans(prof, _local(), Workload(rows=1000, block_size=256, min_block_size=256))
     [pipe] = [p for p in plans if p.strategy == "pipeline" and p.threads == 1]
     assert pipe.stages == 2 and pipe.cuts == (5,)  # embedding + 4 blocks | 4 blocks + head: equal
     per_batch = 32 / (100.0 * 0.9)  # the whole model's time for a batch, 2 busy processes
     stage = per_batch * 0.041 / 0.082 + 1e-4 + MiB / 1e9
-    micro = 256 // 32
-    assert pipe.rows_per_s == pytest.approx(32 / stage * (1 - 1 / (micro + 1)), rel=1e-6)
-    assert pipe.latency_s == pytest.approx(2 * stage - MiB / 1e9 - 1e-4, rel=1e-6)
+    micro = 8
+    last = stage - MiB / 1e9 - 1e-4  # the last stage sends nothing on
+    # the first micro-batch through both stages, then one bottleneck step for each other
+    assert pipe.rows_per_s == pytest.approx(32 * micro / (stage + last + (micro - 1) * stage), rel=1e-6)
+    assert pipe.latency_s == pytest.approx(stage + last, rel=1e-6)
     assert pipe.rows_per_s < _top(plans).rows_per_s  # data parallel is better here
+
+
+def test_the_pipeline_prediction_counts_the_bubbles_of_the_jobs_small_first_and_last_blocks() -> None:
+    from distinfer.data.blocks import block_sizes
+
+    prof = _profile()
+    plans = make_plans(prof, _local(), Workload(rows=1000, block_size=256))  # ramp from 32 rows
+    [pipe] = [p for p in plans if p.strategy == "pipeline" and p.threads == 1]
+    assert pipe.batch_size == 32
+    sizes = block_sizes(1000, 256, 32)
+    assert sizes == [32, 64, 128, 184, 184, 184, 128, 64, 32]
+    micro = [math.ceil(s / 32) for s in sizes]
+
+    def stage(m: int) -> float:  # a block of one micro-batch keeps one stage busy at a time
+        per_batch = 32 / (100.0 * (1.0 if m == 1 else 0.9))
+        return per_batch * 0.041 / 0.082 + 1e-4 + MiB / 1e9
+
+    def block_s(m: int) -> float:  # the last stage sends nothing on
+        return stage(m) + (stage(m) - 1e-4 - MiB / 1e9) + (m - 1) * stage(m)
+
+    expected = sum(m * 32 for m in micro) / sum(block_s(m) for m in micro)
+    assert pipe.rows_per_s == pytest.approx(expected, rel=1e-6)
+    assert "bubble 22% over the job's blocks of 1 to 6 micro-batches" in " ".join(pipe.reasons)
+    # a job of two one-batch blocks: every block is all fill and drain
+    [small] = [
+        p
+        for p in make_plans(prof, _local(), Workload(rows=16, block_size=16, batch_sizes=(8,)))
+        if p.strategy == "pipeline" and p.threads == 1
+    ]
+    one_step = 8 / 100.0 * 0.041 / 0.082 + 1e-4 + MiB / 4 / 1e9  # activations at 8 of 32 rows
+    assert small.rows_per_s == pytest.approx(8 / (2 * one_step - 1e-4 - MiB / 4 / 1e9), rel=1e-6)
+    assert "bubble (p-1)/(m+p-1) = 50% with 1 micro-batches a block" in " ".join(small.reasons)
 
 
 def test_a_model_larger_than_the_worker_memory_is_cut_into_enough_stages() -> None:
@@ -233,6 +269,9 @@ def test_the_profile_sample_is_runs_of_rows_spread_over_the_whole_input(tmp_path
     # and at least 16 where they take at most 8 s
     assert (sample_rows(0.001, 256), sample_rows(0.05, 256), sample_rows(6.0, 256)) == (256, 40, 2)
     assert (sample_rows(0.3, 256), sample_rows(0.9, 256), sample_rows(3.0, 256), sample_rows(0.3, 10)) == (16, 8, 2, 10)
+    # a slow model's sample still fills one batch of the smallest measured size, within 40 s
+    assert (sample_rows(3.0, 256, 8), sample_rows(6.0, 256, 8), sample_rows(0.3, 256, 8)) == (8, 6, 16)
+    assert sample_rows(3.0, 4, 8) == 4  # never more than asked
 
 
 def test_a_generation_profile_plans_running_sequences_and_the_time_per_token() -> None:

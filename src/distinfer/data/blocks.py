@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Block", "block_sizes"]
+__all__ = ["Block", "block_size_counts", "block_sizes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,12 @@ def block_sizes(num_rows: int, block_size: int, min_block_size: int) -> list[int
     remain; the rows left in the middle are split into near-equal blocks of at most
     `block_size`, so no block is a tiny leftover.
     """
+    return [size for size, count in block_size_counts(num_rows, block_size, min_block_size) for _ in range(count)]
+
+
+def block_size_counts(num_rows: int, block_size: int, min_block_size: int) -> list[tuple[int, int]]:
+    """`block_sizes` run-length encoded, in order: (size, count) pairs, so that a planner can
+    reason over a billion rows' blocks without listing them."""
     if min_block_size < 1:
         raise ValueError(f"min_block_size must be at least 1, got {min_block_size}")
     if block_size < min_block_size:
@@ -43,16 +49,16 @@ def block_sizes(num_rows: int, block_size: int, min_block_size: int) -> list[int
         )
     if num_rows < 0:
         raise ValueError(f"num_rows must not be negative, got {num_rows}")
-    ramp: list[int] = []
+    ramp: list[tuple[int, int]] = []
     remaining = num_rows
     size = min_block_size
     while size < block_size and remaining >= 2 * size:
-        ramp.append(size)
+        ramp.append((size, 1))
         remaining -= 2 * size
         size *= 2
     count = -(-remaining // block_size)
-    middle: list[int] = []
+    middle: list[tuple[int, int]] = []
     if count:
         quotient, extra = divmod(remaining, count)
-        middle = [quotient + 1] * extra + [quotient] * (count - extra)
-    return ramp + middle + ramp[::-1]
+        middle = [(quotient + 1, extra), (quotient, count - extra)]
+    return ramp + [m for m in middle if m[1]] + ramp[::-1]

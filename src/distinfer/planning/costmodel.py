@@ -16,8 +16,11 @@ Pure arithmetic over measured figures; docs/planning.md writes the same formulas
   `s_k * b / (kappa(R min(p, m), t) X(t, b)) + link(a_k)` (no more than `m` stages are busy at
   once), where `s_k` is the stage's share of the
   layer time and `link(a) = latency + a / bandwidth` moves the activation `a` it sends. A
-  replica makes `b / max_k T_k` rows/s in steady state, times `m / (m + p - 1)` for the
-  bubble of a block of `m` micro-batches. Latency: `sum_k T_k`.
+  replica makes `b / max_k T_k` rows/s in steady state. A block of `m` micro-batches takes
+  `sum_k T_k + (m - 1) max_k T_k`: the first micro-batch's way through every stage, then one
+  bottleneck step each; with equal stages `(m + p - 1) T`, the bubble `(p - 1) / (m + p - 1)`.
+  Over a job, `sum_i m_i b / sum_i (sum_k T_k + (m_i - 1) max_k T_k)` for its blocks `i` (the
+  first and last blocks are small, so their bubbles are larger). Latency: `sum_k T_k`.
 * Tensor parallel, `k` ranks (Megatron): every rank computes `1/k` of each layer, so a
   batch takes `b / (k kappa(R k, t) X(t, b)) + 2 L allreduce(a)` for `L` layers, where
   `allreduce(a) = 2 (k-1) latency + 2 (k-1)/k * a / bandwidth` (a ring) and `a` is one
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distinfer.planning.cuts import LayerCost, PipelinePlan, balanced_cut
@@ -153,10 +157,13 @@ def estimate_pipeline(
     threads: int,
     batch_size: int,
     cores: int,
-    micro_batches: int,
+    micro_batches: int | Sequence[tuple[int, int]],
     memory_limit: int | None,
 ) -> Estimate:
-    """`balanced_cut` over the measured layers; raises ConfigError when no cut fits the limit."""
+    """`balanced_cut` over the measured layers; raises ConfigError when no cut fits the limit.
+
+    `micro_batches`: per block, or the job's blocks as (micro-batches, blocks) pairs (its
+    ramp of small first and last blocks has larger bubbles than the middle's)."""
     layers = _scaled_layers(profile, batch_size)
     reserve = [HEAD_RESERVE, *([0] * (len(layers) - 1))]
     charged = [
@@ -166,20 +173,27 @@ def estimate_pipeline(
     limit = None if memory_limit is None else max(0, memory_limit - RUNTIME_RESERVE)
     plan = balanced_cut(charged, stages, limit)
     total = math.fsum(c.seconds for c in layers) or 1.0
-    # a block of m < p micro-batches never has more than m stages busy at once
-    busy = replicas * min(stages, max(1, micro_batches))
-    per_batch = batch_size / (
-        single_rate(profile, threads, batch_size) * contention(profile, busy, threads, cores)
-    )
+    alone = single_rate(profile, threads, batch_size)
     links = profile.links
-    times = []
-    for k, stage in enumerate(plan.stages):
-        compute = per_batch * math.fsum(c.seconds for c in layers[stage.start : stage.stop]) / total
-        sent = layers[stage.stop - 1].activation_bytes if k < len(plan.stages) - 1 else 0
-        times.append(compute + (links.shm_latency_s + sent / links.shm_bytes_per_s if sent else 0.0))
-    rate = batch_size / max(times) * (1.0 - bubble(stages, micro_batches))
+    blocks = [(micro_batches, 1)] if isinstance(micro_batches, int) else list(micro_batches)
+    rows = seconds = most = latency = 0.0
+    for m, count in blocks:
+        m = max(1, m)
+        # a block of m < p micro-batches never has more than m stages busy at once
+        per_batch = batch_size / (alone * contention(profile, replicas * min(stages, m), threads, cores))
+        times = []
+        for k, stage in enumerate(plan.stages):
+            compute = per_batch * math.fsum(c.seconds for c in layers[stage.start : stage.stop]) / total
+            sent = layers[stage.stop - 1].activation_bytes if k < len(plan.stages) - 1 else 0
+            times.append(compute + (links.shm_latency_s + sent / links.shm_bytes_per_s if sent else 0.0))
+        # m micro-batches through the stages: the first one's way through all of them, then
+        # one more bottleneck step each ((m + p - 1) T when the stages are equal)
+        rows += count * m * batch_size
+        seconds += count * (math.fsum(times) + (m - 1) * max(times))
+        if count * m > most:  # a batch's latency in the blocks that hold most of the rows
+            most, latency = count * m, math.fsum(times)
     memory = max(s.memory_bytes for s in plan.stages) + RUNTIME_RESERVE
-    return Estimate(rate, math.fsum(times), memory, stages, plan)
+    return Estimate(rows / seconds if seconds else 0.0, latency, memory, stages, plan)
 
 
 def estimate_tensor(

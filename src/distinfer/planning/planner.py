@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from distinfer.data.blocks import block_size_counts
 from distinfer.errors import ConfigError
 from distinfer.planning.cluster import Cluster, NodeKind
 from distinfer.planning.costmodel import (
     RUNTIME_RESERVE,
     Estimate,
+    bubble,
     contention,
     estimate_data,
     estimate_pipeline,
@@ -62,6 +64,18 @@ class Workload:
     request_rate: float | None = None
     worker_memory: int | None = None  # bytes a worker process may use, all included
     batch_sizes: tuple[int, ...] = ()  # () = the profile's measured batch sizes
+    min_block_size: int | None = None  # the first and last blocks; None: the batch size, as `run`
+
+    def micro_batches(self, batch_size: int) -> list[tuple[int, int]]:
+        """The job's blocks as (micro-batches of `batch_size`, blocks) pairs: the plan `run`
+        makes (`block_size_counts`), so the ramp's small blocks count with their bubbles."""
+        least = min(self.min_block_size or batch_size, self.block_size)
+        counts = block_size_counts(self.rows, self.block_size, least) if self.rows else []
+        micro: dict[int, int] = {}
+        for size, n in counts or [(self.block_size, 1)]:
+            m = math.ceil(size / batch_size)
+            micro[m] = micro.get(m, 0) + n
+        return sorted(micro.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +155,8 @@ def _estimate(
     profile: Profile, node: NodeKind, r: int, p: int, k: int, t: int, b: int, work: Workload
 ) -> Estimate:
     if p > 1:
-        micro = max(1, math.ceil(work.block_size / b))
         limit = work.worker_memory if work.worker_memory is not None else node.memory
-        return estimate_pipeline(profile, r, p, t, b, node.cores, micro, limit)
+        return estimate_pipeline(profile, r, p, t, b, node.cores, work.micro_batches(b), limit)
     if k > 1:
         return estimate_tensor(profile, r, k, t, b, node.cores)
     return estimate_data(profile, r, t, b, node.cores)
@@ -284,7 +297,10 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
         )
     counts = dict(plan.per_node)
     for kind in cluster.nodes:
-        busy = counts.get(kind.kind, plan.replicas) * plan.stages * plan.ranks
+        inner = plan.stages * plan.ranks
+        if plan.stages > 1:  # a block of m micro-batches keeps at most m stages busy
+            inner = min(plan.stages, max(m for m, _ in work.micro_batches(plan.batch_size)))
+        busy = counts.get(kind.kind, plan.replicas) * inner
         if busy <= 1:
             continue
         kappa = contention(profile, busy, plan.threads, kind.cores)
@@ -294,12 +310,16 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
             f"their speed alone (contention measured with up to {profile.cores} busy cores)"
         )
     if plan.stages > 1:
-        micro = max(1, math.ceil(work.block_size / plan.batch_size))
-        out.append(
-            f"{plan.stages} stages cut at layers {', '.join(map(str, plan.cuts))}; bubble "
-            f"(p-1)/(m+p-1) = {(plan.stages - 1) / (micro + plan.stages - 1):.0%} with {micro} "
-            "micro-batches a block"
-        )
+        blocks, p = work.micro_batches(plan.batch_size), plan.stages
+        cut = f"{p} stages cut at layers {', '.join(map(str, plan.cuts))}; bubble"
+        if len(blocks) == 1:
+            m = blocks[0][0]
+            out.append(f"{cut} (p-1)/(m+p-1) = {bubble(p, m):.0%} with {m} micro-batches a block")
+        else:
+            idle = sum((p - 1) * n for _, n in blocks) / sum((m + p - 1) * n for m, n in blocks)
+            least, most = min(m for m, _ in blocks), max(m for m, _ in blocks)
+            out.append(f"{cut} {idle:.0%} over the job's blocks of {least} to {most} micro-batches "
+                       "((p-1)/(m+p-1) each)")
     top = next(p for p in plans if not p.refused)
     if plan is not top:
         slower = 1 - plan.rows_per_s / top.rows_per_s if top.rows_per_s else 0.0
