@@ -35,7 +35,8 @@ def block_sizes(num_rows: int, block_size: int, min_block_size: int) -> list[int
     remain; the rows left in the middle are split into near-equal blocks of at most
     `block_size`, so no block is a tiny leftover.
     """
-    return [size for size, count in block_size_counts(num_rows, block_size, min_block_size) for _ in range(count)]
+    counts = block_size_counts(num_rows, block_size, min_block_size)
+    return [size for size, count in counts for _ in range(count)]
 
 
 def block_size_counts(num_rows: int, block_size: int, min_block_size: int) -> list[tuple[int, int]]:

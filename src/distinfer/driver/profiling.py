@@ -44,7 +44,8 @@ from ..errors import DistinferError, ModelError
 from ..logs import log
 from ..messages import GenerationOptions
 from ..planning.cluster import this_machine
-from ..planning.profiles import Links, Profile, Rate, machine_key, profile_path
+from ..planning.profiles import Profile, Rate, machine_key, profile_path
+from .links import measure_links
 
 if TYPE_CHECKING:
     from ..models.family import ModelSpec
@@ -254,39 +255,6 @@ def _layers(req: ProfileRequest) -> list[Any]:
         proc.join(timeout=30)
 
 
-def _links() -> Links:
-    """A copy's bandwidth in this process (what a shared-memory slot costs) and a pipe's
-    round trip to another process."""
-    import numpy as np
-
-    src = np.ones(32 * 2**20, dtype=np.uint8)
-    dst = np.empty_like(src)
-    start = time.perf_counter()
-    for _ in range(8):
-        np.copyto(dst, src)
-    bandwidth = 8 * src.nbytes / (time.perf_counter() - start)
-    ctx = mp.get_context("spawn")
-    a, b = ctx.Pipe()
-    proc = ctx.Process(target=_echo, args=(b,), daemon=True)
-    proc.start()
-    a.send(0)
-    a.recv()
-    start = time.perf_counter()
-    for i in range(200):
-        a.send(i)
-        a.recv()
-    latency = (time.perf_counter() - start) / 400  # one way
-    a.send(None)
-    proc.join(timeout=10)
-    return Links(shm_latency_s=latency, shm_bytes_per_s=bandwidth, allreduce_latency_s=2 * latency,
-                 allreduce_bytes_per_s=bandwidth / 4)  # fmt: skip
-
-
-def _echo(conn: Connection) -> None:
-    while (item := conn.recv()) is not None:
-        conn.send(item)
-
-
 def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True) -> Profile | None:
     """The cached profile of `req.model` on this machine, measured first when there is none.
     With `measure` False nothing is measured: the exact cached profile, else the one last
@@ -337,7 +305,7 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
         model=req.model, machine=key, cores=machine.cores, rates=tuple(rates),
         layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch, seq_len=req.seq_len,
         weight_bytes=sum(weights) if weights else sum(c[2] for c in layers), worker_rss=rss,
-        startup_s=startup, links=_links(), strategies=tuple(strategies), tensor_ranks=ranks,
+        startup_s=startup, links=measure_links(), strategies=tuple(strategies), tensor_ranks=ranks,
         tokens_per_row=tokens,
     )  # fmt: skip
     profile.save(path)

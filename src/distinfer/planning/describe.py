@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 from distinfer.planning.cluster import Cluster
@@ -41,6 +42,9 @@ def describe_plans(plans: list[Plan], profile: Profile, cluster: Cluster, work: 
         f"profile: {profile.machine}; one process {_best_alone(profile)}; start-up {profile.startup_s:.1f} s",
         "",
     ]
+    links = _links(profile)
+    if links:
+        lines.insert(3, links)
     gen = profile.tokens_per_row > 0
     if gen:
         lines.insert(3, f"generation: {profile.tokens_per_row:.0f} tokens a row in the sample; rows/s "
@@ -134,5 +138,24 @@ def plans_json(plans: list[Plan], profile: Profile, cluster: Cluster, work: Work
             "request_rate": work.request_rate,
             "worker_memory": work.worker_memory,
         },
+        "links": asdict(profile.links),  # measured: seconds and bytes/s
         "plans": [one(p) for p in plans],
     }
+
+
+def _links(profile: Profile) -> str:
+    """The measured links a plan's processes talk over, when its strategies use any."""
+    ln = profile.links
+
+    def link(latency: float, bandwidth: float) -> str:
+        return f"{latency * 1e6:,.0f} us + {bandwidth / 1e9:.1f} GB/s"
+
+    parts = []
+    if "pipeline" in profile.strategies:
+        parts.append(f"stage to stage {link(ln.shm_latency_s, ln.shm_bytes_per_s)}")
+    if "tensor" in profile.strategies:
+        gloo = (f", gloo {link(ln.gloo_allreduce_latency_s, ln.gloo_allreduce_bytes_per_s)}"
+                if ln.gloo_allreduce_bytes_per_s else "")  # fmt: skip
+        shm = link(ln.allreduce_latency_s, ln.allreduce_bytes_per_s)
+        parts.append(f"all-reduce of 2 ranks: shared memory {shm}{gloo}")
+    return f"links: {'; '.join(parts)}" if parts else ""

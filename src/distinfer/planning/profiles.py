@@ -45,8 +45,12 @@ class Links:
 
     shm_latency_s: float = 50e-6  # one message through the shared-memory ring (stage to stage)
     shm_bytes_per_s: float = 2e9
-    allreduce_latency_s: float = 100e-6  # one small all-reduce between ranks (gloo, loopback)
+    # a tensor-parallel all-reduce through shared memory (the CPU default; `allreduce_s`)
+    allreduce_latency_s: float = 100e-6
     allreduce_bytes_per_s: float = 1e9
+    # ... and through gloo over loopback TCP (`--tensor-comm gloo`), for comparison
+    gloo_allreduce_latency_s: float = 0.0
+    gloo_allreduce_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

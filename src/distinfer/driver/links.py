@@ -1,0 +1,137 @@
+"""Measuring the links between one machine's processes, for the planner's profile.
+
+- The pipeline's shared-memory ring: a memory copy's bandwidth (what moving an activation
+  through a slot costs) and a pipe's one-way latency between two processes (its signal).
+- A tensor-parallel group's all-reduce, through the collectives a group really uses
+  (`worker/collectives.py`): shared memory (the CPU default) and gloo over loopback TCP.
+  Two ranks, each one spawned process with one thread, time all-reduces of a small and a
+  large tensor; the cost model's ring formula for `k` ranks, `2 (k-1) l + 2 (k-1)/k a / w`,
+  is `2 l + a / w` for two, which gives the latency `l` and the bandwidth `w`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..errors import DistinferError
+from ..planning.profiles import Links
+
+__all__ = ["measure_links"]
+
+SMALL_BYTES = 4 << 10
+LARGE_BYTES = 4 << 20
+_TIMEOUT_S = 120.0
+
+
+def measure_links() -> Links:
+    try:
+        bandwidth, latency = _copy_bandwidth(), _pipe_latency()
+        shm = _allreduce("shm")
+        gloo = _allreduce("gloo")
+    except (OSError, EOFError, RuntimeError) as exc:  # TimeoutError is an OSError
+        raise DistinferError(f"profiling the links between processes failed: {exc}") from exc
+    return Links(
+        shm_latency_s=latency, shm_bytes_per_s=bandwidth,
+        allreduce_latency_s=shm[0], allreduce_bytes_per_s=shm[1],
+        gloo_allreduce_latency_s=gloo[0], gloo_allreduce_bytes_per_s=gloo[1],
+    )  # fmt: skip
+
+
+def _copy_bandwidth() -> float:
+    import numpy as np
+
+    src = np.ones(32 * 2**20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    start = time.perf_counter()
+    for _ in range(8):
+        np.copyto(dst, src)
+    return 8 * src.nbytes / (time.perf_counter() - start)
+
+
+def _pipe_latency() -> float:
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    proc = ctx.Process(target=_echo, args=(b,), daemon=True)
+    proc.start()
+    b.close()  # so that a dead echo process ends our wait (EOFError), not hangs it
+    try:
+        a.send(0)
+        if not a.poll(_TIMEOUT_S):
+            raise TimeoutError(f"the pipe latency probe gave no answer in {_TIMEOUT_S:g} s")
+        a.recv()
+        start = time.perf_counter()
+        for i in range(200):
+            a.send(i)
+            a.recv()
+        latency = (time.perf_counter() - start) / 400  # one way
+        a.send(None)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+    return latency
+
+
+def _echo(conn: Connection) -> None:
+    while (item := conn.recv()) is not None:
+        conn.send(item)
+
+
+def _allreduce(comm: str) -> tuple[float, float]:
+    """(latency l, bandwidth w) of a 2-rank all-reduce over `comm`, from `2 l + a / w`."""
+    import torch.multiprocessing
+
+    from ..worker.tensor import comm_plan
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    plan, store_dir = comm_plan(ctx, comm, 2)
+    pipes, procs = [], []
+    try:
+        for rank in range(2):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_rank, args=(plan, rank, child), daemon=True)
+            proc.start()
+            child.close()
+            pipes.append(parent)
+            procs.append(proc)
+        if not pipes[0].poll(_TIMEOUT_S):
+            raise TimeoutError(f"a {comm} all-reduce probe gave no answer in {_TIMEOUT_S:g} s")
+        small, large = pipes[0].recv()
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        if store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
+    latency = max(small, 0.0) / 2
+    bandwidth = (LARGE_BYTES - SMALL_BYTES) / max(large - small, 1e-9)
+    return latency, bandwidth
+
+
+def _rank(plan: tuple[Any, ...], rank: int, conn: Connection) -> None:
+    from ..worker.process import limit_threads
+
+    limit_threads(1)
+    import torch
+
+    from ..worker.collectives import make_comm
+
+    comm = make_comm(plan, rank, 2, torch.device("cpu"), lambda: None)
+    comm.connect()
+    times = []
+    for nbytes, repeats in ((SMALL_BYTES, 200), (LARGE_BYTES, 20)):
+        t = torch.zeros(nbytes // 4)
+        for _ in range(3):
+            comm.all_reduce(t)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            comm.all_reduce(t)
+        times.append((time.perf_counter() - start) / repeats)
+    comm.release()
+    conn.send(times)
+    conn.close()
