@@ -111,3 +111,25 @@ def _fields(config: RunConfig) -> dict[str, object]:
     from dataclasses import fields
 
     return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def test_a_latency_target_has_smaller_batches_measured(config: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distinfer.driver import advisor
+    from distinfer.driver.profiling import LATENCY_BATCHES, ProfileRequest
+
+    asked: list[ProfileRequest] = []
+
+    def profile(req: ProfileRequest, refresh: bool = False, measure: bool = True) -> Profile:
+        asked.append(req)
+        node = this_machine().nodes[0]
+        rates = tuple(Rate(1, b, 80.0 * b / (b + 8)) for b in req.batch_sizes)
+        return Profile(model=MODEL, machine="test", cores=node.cores, rates=rates, weight_bytes=1 << 20,
+                       worker_rss=1 << 28)  # fmt: skip
+
+    monkeypatch.setattr(advisor, "get_profile", profile)
+    plain = advisor.advise(MODEL, config.input)
+    assert asked[-1].batch_sizes == (8, 32, 64) and min(p.batch_size for p in plain.plans) == 8
+    # at 80 b / (b + 8) rows/s one batch of 8 takes 0.2 s, one of 4 0.15 s
+    aimed = advisor.advise(MODEL, config.input, latency_target_s=0.18)
+    assert asked[-1].batch_sizes == (*LATENCY_BATCHES, 8, 32, 64)
+    assert aimed.top.batch_size == 4 and aimed.top.latency_s == pytest.approx(0.15)

@@ -28,7 +28,7 @@ from ..planning.describe import choice_line
 from ..planning.planner import Plan, Workload, make_plans
 from ..planning.profiles import Profile
 from ..planning.sizes import format_bytes, parse_memory
-from .profiling import GENERATION_RUNNING, ProfileRequest, get_profile
+from .profiling import GENERATION_RUNNING, LATENCY_BATCHES, ProfileRequest, get_profile
 
 if TYPE_CHECKING:
     from ..models.family import ModelSpec
@@ -124,6 +124,9 @@ def _advise(
                           batch_sizes=GENERATION_RUNNING)  # fmt: skip
     if batch_sizes:
         request = replace(request, batch_sizes=tuple(sorted(set(batch_sizes))))
+    elif latency_target_s is not None and not parse_model(model).family.generates:
+        # a latency target may only be met with smaller batches than a throughput job runs
+        request = replace(request, batch_sizes=(*LATENCY_BATCHES, *request.batch_sizes))
     profile = get_profile(request, refresh, measure)
     if profile is None:
         return None

@@ -50,7 +50,7 @@ from .links import measure_links
 if TYPE_CHECKING:
     from ..models.family import ModelSpec
 
-__all__ = ["ProfileRequest", "get_profile"]
+__all__ = ["GENERATION_RUNNING", "LATENCY_BATCHES", "ProfileRequest", "get_profile"]
 
 MIN_SECONDS = 2.0  # each rate is timed over whole passes of the sample, at least this long
 SAMPLE_CHUNKS = 8  # the sample is this many runs of rows, spread over the input
@@ -76,6 +76,12 @@ class ProfileRequest:
 
 #: the running sequences a generation model is measured at
 GENERATION_RUNNING = (8, 16, 32)
+
+#: batch sizes measured as well when a plan has a latency target (smaller batches, sooner done)
+LATENCY_BATCHES = (1, 2, 4)
+
+#: a slow model's sample fills one batch of the smallest measured size at least this large
+FULL_BATCH_LEAST = 8
 
 
 def _sample_blocks(source: SourceSpec, rows: int) -> list[Block]:
@@ -155,7 +161,9 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
             if not rows:
                 t = time.perf_counter()
                 one_pass(first, 1, out_dir)
-                rows = sample_rows(time.perf_counter() - t, req.sample, min(req.batch_sizes))
+                asked = req.batch_sizes
+                full = min((b for b in asked if b >= FULL_BATCH_LEAST), default=max(asked))
+                rows = sample_rows(time.perf_counter() - t, req.sample, full)
             blocks = _sample_blocks(source, rows)
             rows = sum(b.rows for b in blocks)
             # a batch size over the sample's rows runs the sample as one batch, as the
