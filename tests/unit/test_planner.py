@@ -240,7 +240,7 @@ def test_bandwidths_read_bits_and_bytes() -> None:
 
 
 def test_a_profile_survives_its_json_round_trip(tmp_path: Path) -> None:
-    prof = _profile()
+    prof = _profile(layers_by_batch=((1, tuple(0.5 for _ in _layers())),))
     prof.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == prof
     (tmp_path / "bad.json").write_text("{")
@@ -295,7 +295,7 @@ def test_a_generation_profile_plans_running_sequences_and_the_time_per_token() -
     # reason, and 2 x 8 running (139 ms) chosen, with what it costs
     tight = make_plans(prof, _local(), Workload(rows=128, latency_target_s=0.15))
     best = _top(tight)
-    assert (best.replicas, best.batch_size) == (2, 8) and best.latency_s == pytest.approx(8 / (2.0 * 0.9) / 32)  # contention 0.9
+    assert (best.replicas, best.batch_size) == (2, 8) and best.latency_s == pytest.approx(8 / (2.0 * 0.95) / 32)  # contention at batch 8: 1.9 / 2.0
     assert any("one output token takes 278 ms, over the 150 ms" in p.refused for p in tight)
     assert any("cuts one output token" in r and "150 ms latency target" in r for r in best.reasons), best.reasons
 
@@ -309,3 +309,18 @@ def test_a_model_that_needs_more_stages_than_cores_gets_them_one_thread_each() -
     # the stages share 2 cores: their contention is the time-shared one
     assert any(f"{top.stages} busy processes of 1 thread(s) run at 0.45x" in r for r in top.reasons), top.reasons
     assert max(p.stages for p in plans) <= top.stages + 1 <= len(layers)
+
+
+def test_contention_and_layer_shares_are_taken_at_the_plans_batch_size() -> None:
+    rates = (Rate(1, 8, 100.0), Rate(1, 64, 100.0), Rate(1, 8, 95.0, 2), Rate(1, 64, 80.0, 2))
+    prof = _profile(rates=rates)
+    assert contention(prof, 2, 1, 2, 8) == pytest.approx(0.95)
+    assert contention(prof, 2, 1, 2, 64) == pytest.approx(0.80)
+    assert contention(prof, 2, 1, 2) == pytest.approx(0.875)  # no batch size: the mean
+    # the head is a tenth of the time at batch 8 and half of it at batch 1: the cut moves
+    layers = (LayerCost("block 0", 0.45, MiB, MiB), LayerCost("block 1", 0.45, MiB, MiB),
+              LayerCost("head", 0.10, MiB, 1000))  # fmt: skip
+    prof = _profile(layers=layers, layer_batch=8, layers_by_batch=((1, (0.25, 0.25, 0.5)),))
+    at = {b: next(p for p in make_plans(prof, _local(), Workload(rows=64, block_size=64, batch_sizes=(b,)))
+                  if p.stages == 2 and p.threads == 1) for b in (1, 8)}  # fmt: skip
+    assert at[8].cuts == (1,) and at[1].cuts == (2,)

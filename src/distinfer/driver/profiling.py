@@ -244,21 +244,25 @@ def _layers_child(conn: Connection, req: ProfileRequest) -> None:
 
         spec = parse_model(req.model)
         costs = spec.family.layer_costs(spec, req.layer_batch, req.seq_len)
-        conn.send(("done", [(c.name, c.seconds, c.weight_bytes, c.activation_bytes) for c in costs]))
+        small = [] if req.layer_batch == 1 else spec.family.layer_costs(spec, 1, req.seq_len)
+        conn.send(("done", [(c.name, c.seconds, c.weight_bytes, c.activation_bytes) for c in costs],
+                   [(1, tuple(c.seconds for c in small))] if small else []))  # fmt: skip
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
-def _layers(req: ProfileRequest) -> list[Any]:
+def _layers(req: ProfileRequest) -> tuple[list[Any], list[Any]]:
+    """The layers at `layer_batch` rows, and each layer's seconds at a batch of 1."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_layers_child, args=(child, req), daemon=True)
     proc.start()
     child.close()
     try:
-        return list(_expect(parent, "done")[0])
+        costs, by_batch = _expect(parent, "done")
+        return list(costs), list(by_batch)
     finally:
         proc.join(timeout=30)
 
@@ -293,9 +297,10 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
     family = spec.family
     strategies = ["data"]
     layers: list[Any] = []
+    by_batch: list[Any] = []
     if family.no_stages is None and not family.generates:
         try:
-            layers = _layers(req)
+            layers, by_batch = _layers(req)
             strategies.append("pipeline")
         except ModelError as exc:
             log.info("no per-layer profile of %s: %s", req.model, exc)
@@ -312,6 +317,7 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
     profile = Profile(
         model=req.model, machine=key, cores=machine.cores, rates=tuple(rates),
         layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch, seq_len=req.seq_len,
+        layers_by_batch=tuple((int(b), tuple(secs)) for b, secs in by_batch),
         weight_bytes=sum(weights) if weights else sum(c[2] for c in layers), worker_rss=rss,
         startup_s=startup, links=measure_links(), strategies=tuple(strategies), tensor_ranks=ranks,
         tokens_per_row=tokens,

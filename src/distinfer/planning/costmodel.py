@@ -8,11 +8,13 @@ Pure arithmetic over measured figures; docs/planning.md writes the same formulas
 * Contention. `n` busy processes of `t` threads each on a node of `C` cores each run at
   `kappa(n, t) * X(t, b)`. `kappa` is measured: the per-process rate of `n` processes at
   once over one alone (on this machine two one-thread processes each run slower than one
-  alone: shared caches and memory bandwidth). Between measured core counts `u = n*t` it is
+  alone: shared caches and memory bandwidth), at the measured batch size nearest `b`
+  (how much two processes slow each other depends on it). Between measured core counts `u = n*t` it is
   interpolated linearly from `kappa = 1` at `u = t`; past `C` busy cores the processes
   share them in time: `kappa(C) * C / (n t)`.
 * Data parallel, `R` replicas: `R * kappa(R, t) * X(t, b)`; a batch's latency `b / (kappa X)`.
-* Pipeline, `p` stages cut by `balanced_cut` over the measured layer times: stage `k` takes
+* Pipeline, `p` stages cut by `balanced_cut` over the measured layer times (their shares
+  interpolated in `log b` between the batch sizes they were measured at): stage `k` takes
   `s_k * b / (kappa(R min(p, m), t) X(t, b)) + link(a_k)` (no more than `m` stages are busy at
   once), where `s_k` is the stage's share of the
   layer time and `link(a) = latency + a / bandwidth` moves the activation `a` it sends. A
@@ -104,18 +106,26 @@ def single_rate(profile: Profile, threads: int, batch_size: int) -> float:
     return _interp(points, float(threads))
 
 
-def contention(profile: Profile, processes: int, threads: int, cores: int) -> float:
-    """kappa: each of `processes` busy processes' rate over one alone (1 for one process)."""
+def contention(
+    profile: Profile, processes: int, threads: int, cores: int, batch_size: int | None = None
+) -> float:
+    """kappa: each of `processes` busy processes' rate over one alone (1 for one process),
+    as measured at the batch size nearest `batch_size` (None: the mean over batch sizes)."""
     busy = processes * threads
     if processes <= 1:
         return 1.0 if busy <= cores else cores / busy
-    measured = sorted(
-        {
-            (r.processes * r.threads, r.rows_per_s / single_rate(profile, r.threads, r.batch_size))
-            for r in profile.rates
-            if r.processes > 1
-        }
-    )
+    by_busy: dict[int, list[tuple[float, float]]] = {}  # busy cores -> (log batch, kappa)
+    for r in profile.rates:
+        if r.processes > 1:
+            kappa = r.rows_per_s / single_rate(profile, r.threads, r.batch_size)
+            by_busy.setdefault(r.processes * r.threads, []).append((math.log(r.batch_size), kappa))
+    measured = []
+    for u, points in sorted(by_busy.items()):
+        if batch_size is None:
+            measured.append((u, math.fsum(k for _, k in points) / len(points)))
+        else:
+            near = min(points, key=lambda p: abs(p[0] - math.log(batch_size)))
+            measured.append((u, near[1]))
     points = [(float(threads), 1.0), *((float(u), k) for u, k in measured if u > threads)]
     if busy <= cores:
         return min(1.0, _interp(points, float(busy)))
@@ -137,15 +147,34 @@ def allreduce_s(profile: Profile, nbytes: float, ranks: int) -> float:
 
 
 def _scaled_layers(profile: Profile, batch_size: int) -> list[LayerCost]:
-    """The measured layers with their activations scaled from `layer_batch` to `batch_size` rows."""
+    """The measured layers at `batch_size` rows: activations scaled from `layer_batch`, and
+    each layer's share of the time interpolated in `log b` between the batch sizes measured
+    (`layer_batch` and `layers_by_batch`; flat beyond them), in `layer_batch`'s units."""
     scale = batch_size / max(1, profile.layer_batch)
+    seconds = [c.seconds for c in profile.layers]
+    measured = [(profile.layer_batch, seconds), *((b, list(s)) for b, s in profile.layers_by_batch
+                                                  if len(s) == len(seconds))]  # fmt: skip
+    if len(measured) > 1:
+        total = math.fsum(seconds) or 1.0
+
+        def shares(secs: list[float]) -> list[float]:
+            whole = math.fsum(secs) or 1.0
+            return [x / whole for x in secs]
+
+        points = sorted((math.log(b), shares(secs)) for b, secs in measured)
+        x = math.log(batch_size)
+        seconds = [
+            total * _interp([(px, sh[i]) for px, sh in points], x) for i in range(len(seconds))
+        ]
     return [
-        LayerCost(c.name, c.seconds, c.weight_bytes, int(c.activation_bytes * scale)) for c in profile.layers
+        LayerCost(c.name, t, c.weight_bytes, int(c.activation_bytes * scale))
+        for c, t in zip(profile.layers, seconds, strict=True)
     ]
 
 
 def estimate_data(profile: Profile, replicas: int, threads: int, batch_size: int, cores: int) -> Estimate:
-    rate = single_rate(profile, threads, batch_size) * contention(profile, replicas, threads, cores)
+    kappa = contention(profile, replicas, threads, cores, batch_size)
+    rate = single_rate(profile, threads, batch_size) * kappa
     memory = profile.worker_rss or profile.weight_bytes + RUNTIME_RESERVE
     return Estimate(rate, batch_size / rate, memory, 1)
 
@@ -180,7 +209,8 @@ def estimate_pipeline(
     for m, count in blocks:
         m = max(1, m)
         # a block of m < p micro-batches never has more than m stages busy at once
-        per_batch = batch_size / (alone * contention(profile, replicas * min(stages, m), threads, cores))
+        kappa = contention(profile, replicas * min(stages, m), threads, cores, batch_size)
+        per_batch = batch_size / (alone * kappa)
         times = []
         for k, stage in enumerate(plan.stages):
             compute = per_batch * math.fsum(c.seconds for c in layers[stage.start : stage.stop]) / total
@@ -203,7 +233,7 @@ def estimate_tensor(
     compute = batch_size / (
         ranks
         * single_rate(profile, threads, batch_size)
-        * contention(profile, replicas * ranks, threads, cores)
+        * contention(profile, replicas * ranks, threads, cores, batch_size)
     )
     blocks = [c for c in layers if c.name.startswith(("block", "layer"))] or layers
     hidden = max((c.activation_bytes for c in blocks), default=0)

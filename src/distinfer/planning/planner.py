@@ -303,7 +303,7 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
         busy = counts.get(kind.kind, plan.replicas) * inner
         if busy <= 1:
             continue
-        kappa = contention(profile, busy, plan.threads, kind.cores)
+        kappa = contention(profile, busy, plan.threads, kind.cores, plan.batch_size)
         where = "" if cluster.local else f" on {kind.kind}"
         out.append(
             f"{busy} busy processes of {plan.threads} thread(s){where} run at {kappa:.2f}x "

@@ -64,6 +64,9 @@ class Profile:
     layers: tuple[LayerCost, ...] = ()  # per layer, for `layer_batch` rows of `seq_len` tokens, 1 thread
     layer_batch: int = 8
     seq_len: int = 0  # mean tokens per row of the sample (0: not a text model)
+    # each layer's seconds at other batch sizes (same order as `layers`): how the layers'
+    # shares of the time move with the batch (the head weighs more in a batch of 1)
+    layers_by_batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
     weight_bytes: int = 0
     worker_rss: int = 0  # peak resident bytes of one data-parallel worker process
     startup_s: float = 0.0  # spawning a worker process, its imports and the model's load
@@ -86,6 +89,9 @@ class Profile:
             layers=tuple(LayerCost(**c) for c in data.get("layers", ())),
             layer_batch=int(data.get("layer_batch", 8)),
             seq_len=int(data.get("seq_len", 0)),
+            layers_by_batch=tuple(
+                (int(b), tuple(float(x) for x in secs)) for b, secs in data.get("layers_by_batch", ())
+            ),
             weight_bytes=int(data.get("weight_bytes", 0)),
             worker_rss=int(data.get("worker_rss", 0)),
             startup_s=float(data.get("startup_s", 0.0)),
