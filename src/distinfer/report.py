@@ -2,12 +2,14 @@
 
 The report (`DIR/_report.json`, and a summary on stderr) gives rows, wall time and
 throughput, each worker's rows, busy fraction and where its time went (read, preprocess,
-model, postprocess, write, idle), and the scaling efficiency
+model, postprocess, write, idle), the workers more than 2x slower than the median of the
+others (a noisy neighbour, a throttled or swapping node), and the scaling efficiency
 `steady throughput / (workers x single-worker throughput)` when the latter is known.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,8 @@ __all__ = ["GenerationSummary", "GroupSummary", "JobReport", "Progress", "Worker
 # Stages in which a worker does the model's own work; the rest is the engine's overhead.
 MODEL_STAGES = ("preprocess", "model")
 STAGES = ("read", "preprocess", "model", "postprocess", "write", "idle")
+# A worker this many times slower than the median of the others is flagged in the report.
+SLOW_FACTOR = 2.0
 
 
 @dataclass
@@ -208,6 +212,12 @@ class WorkerStats:
         f = self.fractions()
         return 1.0 - sum(f[s] for s in MODEL_STAGES)
 
+    @property
+    def rate(self) -> float | None:
+        """Rows per second of its working time (reading to writing, idle excluded)."""
+        working = sum(v for k, v in self.seconds.items() if k != "idle")
+        return self.rows / working if self.rows and working > 0 else None
+
 
 @dataclass
 class JobReport:
@@ -265,10 +275,22 @@ class JobReport:
             return None
         return self.steady_throughput / (self.workers * self.baseline_throughput)
 
+    def slow_workers(self) -> dict[int, float]:
+        """Workers running more than `SLOW_FACTOR` times slower than the median of the
+        others (by rows per working second), with how many times slower."""
+        rates = {w.worker: r for w in self.worker_stats if (r := w.rate) is not None}
+        slow = {}
+        for worker, rate in rates.items():
+            others = [r for w, r in rates.items() if w != worker]
+            if others and statistics.median(others) > SLOW_FACTOR * rate:
+                slow[worker] = statistics.median(others) / rate
+        return slow
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("worker_stats")
         data.update(
+            slow_workers={str(w): factor for w, factor in self.slow_workers().items()},
             generation=self.generation_dict(),
             throughput=self.throughput,
             steady_throughput=self.steady_throughput,
@@ -307,10 +329,13 @@ class JobReport:
                 f"  scaling efficiency {self.efficiency:.0%} of the ideal {ideal:.1f} rows/s "
                 f"({self.workers} x {self.baseline_throughput:.1f})"
             )
+        slow = self.slow_workers()
         for w in self.worker_stats:
             f = w.fractions()
             parts = " ".join(f"{s} {f[s]:.0%}" for s in (*STAGES, "other"))
             note = f"  LOST: {w.lost}" if w.lost else ""
+            if w.worker in slow:
+                note += f"  SLOW: {slow[w.worker]:.1f}x slower than the median of the other workers"
             if not w.ready:
                 lines.append(f"  worker {w.worker}: not ready: {w.not_ready or 'never loaded'}{note}")
                 continue

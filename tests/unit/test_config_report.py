@@ -102,6 +102,25 @@ def test_report_names_a_worker_that_never_became_ready() -> None:
     assert saved[1]["not_ready"] == "still loading when the job ended"
 
 
+def test_a_worker_more_than_twice_as_slow_as_the_others_is_flagged() -> None:
+    def worker(i: int, rows: int, model_s: float) -> WorkerStats:
+        w = WorkerStats(i, pid=40 + i, host="here", ready=True)
+        w.add_block(rows, {"read": 0.5, "model": model_s, "write": 0.5, "idle": 30.0}, 40.0)
+        return w
+
+    # rows per working second (idle excluded): 100, 95, 30
+    workers = [worker(0, 1000, 9.0), worker(1, 950, 9.0), worker(2, 300, 9.0)]
+    report = JobReport("out", "m", "in", "local", 3, 1, rows=2250, wall_s=40.0, worker_stats=workers)
+    assert report.slow_workers() == pytest.approx({2: 97.5 / 30})
+    assert report.to_dict()["slow_workers"] == pytest.approx({"2": 97.5 / 30})
+    lines = report.summary().splitlines()
+    assert "SLOW: 3.2x slower than the median of the other workers" in next(x for x in lines if "worker 2" in x)
+    assert not any("SLOW" in x for x in lines if "worker 0" in x or "worker 1" in x)
+    # two workers, one 1.9x slower: not flagged; a worker with no rows is never flagged
+    pair = [worker(0, 1900, 9.0), worker(1, 1000, 9.0), WorkerStats(2, ready=True)]
+    assert JobReport("out", "m", "in", "local", 3, 1, worker_stats=pair).slow_workers() == {}
+
+
 def test_progress_draws_only_when_enabled() -> None:
     stream = io.StringIO()
     bar = Progress(100, enabled=True, stream=stream)
