@@ -25,7 +25,8 @@ PACKAGE = Path(distinfer.__file__).parent
 LAYERS: list[set[str]] = [
     {"errors", "logs"},
     {"messages"},
-    {"config", "data", "planning"},
+    {"data"},  # the block plan is pure arithmetic the planner shares with `run`
+    {"config", "planning"},
     {"models", "scheduling", "report"},
     {"worker"},
     {"backends"},
