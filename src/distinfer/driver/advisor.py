@@ -119,12 +119,13 @@ def _advise(
         raise ConfigError(f"--max-tokens must be >= 1, got {generation.max_tokens}")
     source = open_source(input, input_format)
     request = ProfileRequest(model, input, input_format, column, sample=min(256, max(1, source.num_rows)))
-    if parse_model(model).family.generates:
+    generates = parse_model(model).family.generates
+    if generates:
         request = replace(request, generation=generation or GenerationOptions(),
                           batch_sizes=GENERATION_RUNNING)  # fmt: skip
     if batch_sizes:
         request = replace(request, batch_sizes=tuple(sorted(set(batch_sizes))))
-    elif latency_target_s is not None and not parse_model(model).family.generates:
+    elif latency_target_s is not None and not generates:
         # a latency target may only be met with smaller batches than a throughput job runs
         request = replace(request, batch_sizes=(*LATENCY_BATCHES, *request.batch_sizes))
     profile = get_profile(request, refresh, measure)

@@ -186,13 +186,13 @@ def estimate_pipeline(
     threads: int,
     batch_size: int,
     cores: int,
-    micro_batches: int | Sequence[tuple[int, int]],
+    micro_batches: Sequence[tuple[int, int]],
     memory_limit: int | None,
 ) -> Estimate:
     """`balanced_cut` over the measured layers; raises ConfigError when no cut fits the limit.
 
-    `micro_batches`: per block, or the job's blocks as (micro-batches, blocks) pairs (its
-    ramp of small first and last blocks has larger bubbles than the middle's)."""
+    `micro_batches`: the job's blocks as (micro-batches, blocks) pairs (its ramp of small
+    first and last blocks has larger bubbles than the middle's)."""
     layers = _scaled_layers(profile, batch_size)
     reserve = [HEAD_RESERVE, *([0] * (len(layers) - 1))]
     charged = [
@@ -202,20 +202,21 @@ def estimate_pipeline(
     limit = None if memory_limit is None else max(0, memory_limit - RUNTIME_RESERVE)
     plan = balanced_cut(charged, stages, limit)
     total = math.fsum(c.seconds for c in layers) or 1.0
-    alone = single_rate(profile, threads, batch_size)
+    shares = [math.fsum(c.seconds for c in layers[s.start : s.stop]) / total for s in plan.stages]
     links = profile.links
-    blocks = [(micro_batches, 1)] if isinstance(micro_batches, int) else list(micro_batches)
+    sends = [  # moving each stage's activation on to the next (the last sends nothing)
+        links.shm_latency_s + layers[s.stop - 1].activation_bytes / links.shm_bytes_per_s
+        if k < len(plan.stages) - 1 and layers[s.stop - 1].activation_bytes else 0.0
+        for k, s in enumerate(plan.stages)
+    ]  # fmt: skip
+    alone = single_rate(profile, threads, batch_size)
     rows = seconds = most = latency = 0.0
-    for m, count in blocks:
+    for m, count in micro_batches:
         m = max(1, m)
         # a block of m < p micro-batches never has more than m stages busy at once
         kappa = contention(profile, replicas * min(stages, m), threads, cores, batch_size)
         per_batch = batch_size / (alone * kappa)
-        times = []
-        for k, stage in enumerate(plan.stages):
-            compute = per_batch * math.fsum(c.seconds for c in layers[stage.start : stage.stop]) / total
-            sent = layers[stage.stop - 1].activation_bytes if k < len(plan.stages) - 1 else 0
-            times.append(compute + (links.shm_latency_s + sent / links.shm_bytes_per_s if sent else 0.0))
+        times = [per_batch * share + send for share, send in zip(shares, sends, strict=True)]
         # m micro-batches through the stages: the first one's way through all of them, then
         # one more bottleneck step each ((m + p - 1) T when the stages are equal)
         rows += count * m * batch_size
