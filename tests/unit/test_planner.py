@@ -12,7 +12,15 @@ import pytest
 
 from distinfer.errors import ConfigError
 from distinfer.planning.cluster import Cluster, NodeKind, load_cluster, parse_bandwidth
-from distinfer.planning.costmodel import RUNTIME_RESERVE, allreduce_s, bubble, contention, single_rate
+from distinfer.planning.costmodel import (
+    RUNTIME_RESERVE,
+    allreduce_s,
+    bubble,
+    contention,
+    estimate_tensor,
+    single_rate,
+    tensor_efficiency,
+)
 from distinfer.planning.cuts import LayerCost
 from distinfer.planning.describe import describe_plans, plans_json
 from distinfer.planning.planner import Plan, Workload, make_plans
@@ -177,6 +185,28 @@ def test_a_latency_target_chooses_tensor_parallel_and_says_what_it_costs() -> No
     assert any("latency target" in r and "throughput" in r for r in top.reasons), top.reasons
     assert all(p.latency_s > 0.06 for p in plans if p.refused and "latency target" in p.refused)
     assert free.rows_per_s > top.rows_per_s
+
+
+def test_a_measured_tensor_group_replaces_the_ideal_split() -> None:
+    base = (Rate(1, 2, 100.0), Rate(1, 32, 100.0), Rate(2, 2, 105.0), Rate(2, 32, 160.0),
+            Rate(1, 2, 90.0, 2), Rate(1, 32, 90.0, 2))  # fmt: skip
+    ideal = _profile(rates=base)
+    assert tensor_efficiency(ideal, 2, 2, 2) == 1.0  # nothing measured: the formula alone
+    # the real group: 60% of the formula's rate at batch 2, all of it at batch 32
+    at2, at32 = (estimate_tensor(ideal, 1, 2, 1, b, 2).rows_per_s for b in (2, 32))
+    prof = _profile(rates=(*base, Rate(1, 2, 0.6 * at2, ranks=2), Rate(1, 32, at32, ranks=2)))
+    assert tensor_efficiency(prof, 2, 2, 2) == pytest.approx(0.6)
+    assert tensor_efficiency(prof, 2, 8, 2) == pytest.approx(0.8)  # halfway in log b
+    est = estimate_tensor(prof, 1, 2, 1, 2, 2)
+    assert est.rows_per_s == pytest.approx(0.6 * at2) and est.latency_s == pytest.approx(2 / (0.6 * at2))
+    assert estimate_tensor(prof, 1, 2, 1, 32, 2).rows_per_s == pytest.approx(at32)
+    # a group's rate is not a lone process's: data-parallel and contention ignore it
+    assert single_rate(prof, 1, 2) == 100.0 and contention(prof, 2, 1, 2, 2) == contention(ideal, 2, 1, 2, 2)
+    # a latency target that the ideal split meets (15 ms) and the measured group does not (26 ms)
+    work = Workload(rows=1000, batch_sizes=(2,), latency_target_s=0.018)
+    assert _top(make_plans(ideal, _local(), work)).strategy == "tensor"
+    tensor = [p for p in make_plans(prof, _local(), work) if p.strategy == "tensor"]
+    assert tensor and all("latency target" in p.refused for p in tensor)
 
 
 def test_hybrids_rank_by_the_cost_model_on_a_four_core_node() -> None:

@@ -13,9 +13,12 @@ same preparation and batching (`run_block`), threads pinned before torch loads.
    rows/s, the measured contention.
 3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
    that can be cut into stages.
-4. The links: a memory copy's bandwidth (what a shared-memory slot costs) and a pipe's
-   round trip between processes. The all-reduce figures are derived from these (twice the
-   latency, a quarter of the bandwidth), not measured: a gloo measurement is still to come.
+4. One tensor-parallel group of 2 (and 4, where the cores allow) one-thread ranks, as a
+   worker runs it (`TensorParallelRunner`), over the same sample at each batch size, for
+   the families that can be sharded: what the group really gets, which the ideal
+   `1/k`-of-the-model formula overstates at small batches (costmodel.tensor_efficiency).
+5. The links (driver/links.py): shared-memory and gloo all-reduces between two processes,
+   a memory copy's bandwidth (what a shared-memory slot costs) and a pipe's round trip.
 
 A text-generation model (`req.generation` set: the job's max_tokens, dtype...) is measured the
 same way with "batch size" read as the sequences running together (`max_running`): each
@@ -48,6 +51,7 @@ from ..planning.profiles import Profile, Rate, machine_key, profile_path
 from .links import measure_links
 
 if TYPE_CHECKING:
+    from ..models.base import Runner
     from ..models.family import ModelSpec
 
 __all__ = ["GENERATION_RUNNING", "LATENCY_BATCHES", "ProfileRequest", "get_profile"]
@@ -115,10 +119,11 @@ def sample_rows(per_row_s: float, most: int, batch: int = 1) -> int:
     return max(2, min(most, rows))
 
 
-def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) -> None:
+def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, ranks: int = 1) -> None:
     """One measuring process: load, report ready, wait for 'go', time each batch size. A
     pass is what a worker does with a block: read the rows, run them, write a part. Without
-    `req.rows` the process first times one row and sizes the sample from it (`sample_rows`)."""
+    `req.rows` the process first times one row and sizes the sample from it (`sample_rows`).
+    `ranks` > 1: the process is rank 0 of a tensor-parallel group of that many ranks."""
     try:
         from ..models.base import StageTimer, concat_columns, run_block
         from ..worker.process import limit_threads, peak_rss
@@ -137,7 +142,12 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
         source = open_source(req.input, req.input_format)
         if source.num_rows == 0:
             raise ModelError(f"{req.input}: no rows to profile the model on")
-        runner = load_runner(spec, threads)
+        from ..worker.tensor import TensorParallelRunner
+
+        if ranks > 1:
+            runner: Runner = TensorParallelRunner(spec, ranks, threads)
+        else:
+            runner = load_runner(spec, threads)
         binding = runner.bind(source.columns, req.column)
         tokens: list[float] = []  # generation: the mean tokens generated per row, each pass
 
@@ -182,6 +192,8 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
                     passes += 1
                 timed[b] = passes * rows / (time.perf_counter() - start)
             rates = [(b, timed[b if b in timed else min(b, rows)]) for b in req.batch_sizes]
+        if isinstance(runner, TensorParallelRunner):
+            runner.close()  # its rank processes end before this one answers
         conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0))
     except BaseException as exc:  # reported to the parent, which raises it with its message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -190,15 +202,17 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float) 
 
 
 def _measure(
-    req: ProfileRequest, processes: int, threads: int
+    req: ProfileRequest, processes: int, threads: int, ranks: int = 1
 ) -> tuple[list[Rate], float, int, int, float]:
     """`processes` processes at once: their mean rates, the first's start-up s, the largest
-    RSS, the rows of the sample and (generation) the mean tokens generated per row."""
+    RSS, the rows of the sample and (generation) the mean tokens generated per row. `ranks`
+    > 1: one tensor-parallel group of that many ranks (rank 0 starts the others, so it is
+    not a daemon; it ends them before it answers)."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(processes):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, req, threads, time.time()), daemon=True)
+        proc = ctx.Process(target=_child, args=(child, req, threads, time.time(), ranks), daemon=ranks == 1)
         proc.start()
         child.close()
         pipes.append(parent)
@@ -216,7 +230,7 @@ def _measure(
     rates = []
     for i, b in enumerate(req.batch_sizes):
         mean = sum(r[0][i][1] for r in results) / processes
-        rates.append(Rate(threads, b, mean, processes))
+        rates.append(Rate(threads, b, mean, processes, ranks))
     tokens = results[0][2]
     return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1]), tokens
 
@@ -311,6 +325,8 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
     )
     if ranks:
         strategies.append("tensor")
+        for k in ranks:  # one group of k one-thread ranks: what sharding really gets
+            rates += _measure(req, 1, 1, ranks=k)[0]
     weights = family.weight_bytes(spec)
     from ..planning.cuts import LayerCost
 

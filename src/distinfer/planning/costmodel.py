@@ -23,10 +23,14 @@ Pure arithmetic over measured figures; docs/planning.md writes the same formulas
   bottleneck step each; with equal stages `(m + p - 1) T`, the bubble `(p - 1) / (m + p - 1)`.
   Over a job, `sum_i m_i b / sum_i (sum_k T_k + (m_i - 1) max_k T_k)` for its blocks `i` (the
   first and last blocks are small, so their bubbles are larger). Latency: `sum_k T_k`.
-* Tensor parallel, `k` ranks (Megatron): every rank computes `1/k` of each layer, so a
-  batch takes `b / (k kappa(R k, t) X(t, b)) + 2 L allreduce(a)` for `L` layers, where
+* Tensor parallel, `k` ranks (Megatron): ideally every rank computes `1/k` of each layer, so
+  a batch takes `b / (k kappa(R k, t) X(t, b)) + 2 L allreduce(a)` for `L` layers, where
   `allreduce(a) = 2 (k-1) latency + 2 (k-1)/k * a / bandwidth` (a ring) and `a` is one
-  layer's output for the batch.
+  layer's output for the batch. What is not sharded (embeddings, norms, the head, the
+  preparation, small matrices that do not halve in time) makes a real group slower, the
+  more so the smaller the batch; so one group of `k` one-thread ranks is measured at each
+  batch size, and its rate over this formula's (at `R = 1`, `t = 1`), the efficiency
+  `e_k(b)` (interpolated in `log b`), multiplies the formula's rate for every `R` and `t`.
 * Memory per process: data, the measured worker's peak; pipeline, the stage's weights + 2 x
   its largest activation + `RUNTIME_RESERVE` (+ `HEAD_RESERVE` on stage 0, which also reads
   and writes the block); tensor, `1/k` of the weights + 2 x the largest activation +
@@ -56,6 +60,7 @@ __all__ = [
     "estimate_pipeline",
     "estimate_tensor",
     "single_rate",
+    "tensor_efficiency",
 ]
 
 #: Memory each worker process needs beyond weights and activations: Python, torch and the
@@ -90,7 +95,7 @@ def _interp(points: list[tuple[float, float]], x: float) -> float:
 
 
 def _alone(profile: Profile) -> list[Rate]:
-    alone = [r for r in profile.rates if r.processes == 1]
+    alone = [r for r in profile.rates if r.processes == 1 and r.ranks == 1]
     if not alone:
         raise ValueError(f"the profile of {profile.model} has no single-process rate")
     return alone
@@ -116,7 +121,7 @@ def contention(
         return 1.0 if busy <= cores else cores / busy
     by_busy: dict[int, list[tuple[float, float]]] = {}  # busy cores -> (log batch, kappa)
     for r in profile.rates:
-        if r.processes > 1:
+        if r.processes > 1 and r.ranks == 1:
             kappa = r.rows_per_s / single_rate(profile, r.threads, r.batch_size)
             by_busy.setdefault(r.processes * r.threads, []).append((math.log(r.batch_size), kappa))
     measured = []
@@ -227,9 +232,11 @@ def estimate_pipeline(
     return Estimate(rows / seconds if seconds else 0.0, latency, memory, stages, plan)
 
 
-def estimate_tensor(
+def _ideal_tensor_s(
     profile: Profile, replicas: int, ranks: int, threads: int, batch_size: int, cores: int
-) -> Estimate:
+) -> float:
+    """One batch through a group whose ranks each compute exactly `1/ranks` of the model,
+    plus two all-reduces of a block's output per block."""
     layers = _scaled_layers(profile, batch_size)
     compute = batch_size / (
         ranks
@@ -238,7 +245,26 @@ def estimate_tensor(
     )
     blocks = [c for c in layers if c.name.startswith(("block", "layer"))] or layers
     hidden = max((c.activation_bytes for c in blocks), default=0)
-    latency = compute + 2 * len(blocks) * allreduce_s(profile, hidden, ranks)
+    return compute + 2 * len(blocks) * allreduce_s(profile, hidden, ranks)
+
+
+def tensor_efficiency(profile: Profile, ranks: int, batch_size: int, cores: int) -> float:
+    """e_k(b): a measured group of `ranks` one-thread ranks' rate over the ideal formula's,
+    interpolated in `log b` between measured batch sizes (1 where none was measured)."""
+    points = sorted(
+        (math.log(r.batch_size),
+         r.rows_per_s * _ideal_tensor_s(profile, 1, ranks, 1, r.batch_size, cores) / r.batch_size)
+        for r in profile.rates if r.ranks == ranks and r.threads == 1 and r.processes == 1
+    )  # fmt: skip
+    return _interp(points, math.log(batch_size)) if points else 1.0
+
+
+def estimate_tensor(
+    profile: Profile, replicas: int, ranks: int, threads: int, batch_size: int, cores: int
+) -> Estimate:
+    ideal = _ideal_tensor_s(profile, replicas, ranks, threads, batch_size, cores)
+    latency = ideal / tensor_efficiency(profile, ranks, batch_size, cores)
+    layers = _scaled_layers(profile, batch_size)
     largest = max((c.activation_bytes for c in layers), default=0)
     memory = profile.weight_bytes // ranks + 2 * largest + RUNTIME_RESERVE
     return Estimate(batch_size / latency, latency, memory, ranks)

@@ -99,7 +99,7 @@ def rate_text(rate: float) -> str:
 
 
 def _best_alone(profile: Profile) -> str:
-    alone = [r for r in profile.rates if r.processes == 1]
+    alone = [r for r in profile.rates if r.processes == 1 and r.ranks == 1]
     best = max(alone, key=lambda r: r.rows_per_s)
     batch = "running" if profile.tokens_per_row else "batch"
     return f"{best.rows_per_s:,.1f} rows/s at {best.threads} thread(s), {batch} {best.batch_size}"

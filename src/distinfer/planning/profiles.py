@@ -2,8 +2,8 @@
 
 A `Profile` holds only measurements (driver/profiling.py takes them): one process's rows/s
 at a few thread counts and batch sizes, what several such processes get when they run at
-once (the contention of shared cores and memory bandwidth), per-layer times and sizes (for
-pipeline cuts and tensor shards), the links between processes, the start-up cost and the
+once (the contention of shared cores and memory bandwidth), what one tensor-parallel group
+gets, per-layer times and sizes (for pipeline cuts and tensor shards), the links between processes, the start-up cost and the
 peak memory of a worker. The cost model (costmodel.py) predicts every layout from these
 figures alone, so a plan is instant once the profile is cached.
 
@@ -25,18 +25,20 @@ from distinfer.planning.cuts import LayerCost
 
 __all__ = ["PROFILE_VERSION", "Links", "Profile", "Rate", "cache_dir", "machine_key", "profile_path"]
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: tensor-parallel groups measured (`Rate.ranks`)
 
 
 @dataclass(frozen=True, slots=True)
 class Rate:
     """Rows/s of each of `processes` processes running at once, each with `threads` threads
-    and batches of `batch_size` rows (processes == 1: one process alone)."""
+    and batches of `batch_size` rows (processes == 1: one process alone). `ranks` > 1: one
+    tensor-parallel group of that many rank processes, `threads` threads each, instead."""
 
     threads: int
     batch_size: int
     rows_per_s: float
     processes: int = 1
+    ranks: int = 1
 
 
 @dataclass(frozen=True, slots=True)
