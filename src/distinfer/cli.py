@@ -42,6 +42,8 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--column", "--field", dest="column", help="input column/field to feed the model (default: 'text', the only column, or the columns named like the model inputs)")
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
+    p.add_argument("--max-bad-rows", metavar="N|P%", help="rows that may fail (unreadable, rejected by the model's preprocessing, or raising in the forward pass) and be set aside: N rows, or P%% of the input's rows. Each goes to DIR/_errors/ (Parquet: row, stage, error_type, message, input) and every other row is computed; the job fails when more fail. Default 0: the first bad row fails the job, naming it")
+    p.add_argument("--retry-bad-rows", action="store_true", help="when resuming, compute the rows set aside by the earlier run again (by default they stay set aside)")
     _layout_args(p)
     _generation_args(p, job=True)
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds; a replacement worker still loading after this long is stopped and replaced (default 600)")

@@ -53,6 +53,10 @@ class RunConfig:
     max_restarts: int = 3
     start_timeout_s: float = 600.0
     baseline_throughput: float | None = None  # rows/s of one worker, for the efficiency figure
+    # rows that may fail and be set aside in DIR/_errors/: "N" rows or "P%" of the input's
+    # rows; 0 (the default): the first bad row fails the job
+    max_bad_rows: int | str = 0
+    retry_bad_rows: bool = False  # a resumed job computes the rows set aside before again
     progress: bool | None = False  # None: a progress bar when stderr is a terminal (the CLI's default)
     # text generation (--task generate, the default for generation models)
     task: str | None = None  # "generate", or None: the model's own task
@@ -119,7 +123,28 @@ class RunConfig:
             raise ConfigError("--tensor-comm shm and gloo work on the CPU, nccl with --device cuda")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        self.bad_row_limit(0)
         self._check_generation()
+
+    def bad_row_limit(self, rows: int) -> int:
+        """--max-bad-rows for an input of `rows` rows: N, or P% of `rows` rounded down."""
+        text = str(self.max_bad_rows).strip()
+        problem = ConfigError(f"--max-bad-rows must be a whole number of rows or a percentage such as "
+                              f"0.5%, got {self.max_bad_rows!r}")
+        if isinstance(self.max_bad_rows, bool):
+            raise problem
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1])
+                if not 0 <= share <= 100:
+                    raise problem
+                return int(rows * share / 100)
+            count = int(text)
+        except ValueError:
+            raise problem from None
+        if count < 0:
+            raise problem
+        return count
 
     def _check_generation(self) -> None:
         if self.task not in (None, "generate"):

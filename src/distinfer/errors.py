@@ -34,7 +34,14 @@ class ConfigError(DistinferError):
 
 
 class InputError(DistinferError):
-    """The input data cannot be read: missing file, unknown column, malformed row."""
+    """The input data cannot be read: missing file, unknown column, malformed row.
+
+    `row`: the input's absolute row (0-based) when the error is about that one row, so that a
+    job with a bad-row allowance (`--max-bad-rows`) can set it aside and read the rest."""
+
+    def __init__(self, message: str = "", *, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 class ModelError(DistinferError):

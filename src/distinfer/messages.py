@@ -42,6 +42,7 @@ __all__ = [
     "Action",
     "Assign",
     "BackendName",
+    "BadRow",
     "BatchDone",
     "BatchFailed",
     "BlockDone",
@@ -187,6 +188,7 @@ class WorkerSpec:
     stage_slot_bytes: int = 0  # pipeline, local: each shared activation buffer (0: the default)
     stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
     serving: bool = False  # warm the model up and describe its inputs and outputs before ready
+    max_bad_rows: int = 0  # rows a block may set aside (quarantine); 0: a bad row fails the block
 
 
 # --- events: worker or backend -> driver -> scheduler --------------------------------------
@@ -234,8 +236,20 @@ class BlockStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class BadRow:
+    """One quarantined row (`--max-bad-rows`): where it failed and why."""
+
+    row: int  # the input's absolute row
+    stage: str  # read, preprocess or model
+    kind: str  # the error's type
+    message: str  # names the row ("data.txt row 7 (line 8): ...")
+    value: str = ""  # the row's input, cut to about 1 kB
+
+
+@dataclass(frozen=True, slots=True)
 class BlockDone:
-    """The worker finished the block and its output part is written."""
+    """The worker finished the block and its output part is written (without its bad rows,
+    which are in `bad` and in the block's part of DIR/_errors/)."""
 
     worker: int
     block: int
@@ -244,6 +258,7 @@ class BlockDone:
     elapsed_s: float = 0.0  # since the worker became ready
     group: GroupStats | None = None  # pipeline stages / tensor ranks, this block
     generation: GenerationStats | None = None  # a generation job's engine, this block
+    bad: tuple[BadRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,8 @@ class JobReport:
     first_block_s: float = 0.0  # from the job's start to the first finished block
     restarts: int = 0
     baseline_throughput: float | None = None
+    bad_rows: int = 0  # rows set aside (--max-bad-rows), this run's and a resumed run's
+    bad_reasons: list[str] = field(default_factory=list)  # the first few, each naming its row
     worker_stats: list[WorkerStats] = field(default_factory=list)
 
     @property
@@ -318,6 +320,10 @@ class JobReport:
         ]
         if self.rows_resumed:
             lines.append(f"  resumed: {self.rows_resumed} rows were already done")
+        if self.bad_rows:
+            first = f"; the first: {self.bad_reasons[0]}" if self.bad_reasons else ""
+            errors = self.output_dir.rstrip("/") + "/_errors/"
+            lines.append(f"  {self.bad_rows} bad row(s) set aside in {errors}{first}")
         gen = self.generation_dict()
         if gen is not None and self.generation is not None:
             first = gen["time_to_first_token_s"]

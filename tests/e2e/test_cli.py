@@ -49,6 +49,23 @@ def test_run_minilm_end_to_end(small_corpus: Path, tmp_path: Path) -> None:
     assert report["rows"] == 300 and report["workers"] == 2
 
 
+def test_bad_rows_within_the_limit_exit_0_and_over_it_fail_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.txt"
+    path.write_bytes(b"one\ntwo\n\xff three\nfour\n\xfe five\nsix\n")
+    out = tmp_path / "out"
+    args = ("run", "--model", "decoder-tiny", "--input", str(path), "--output", str(out), "--workers", "1",
+            "--strategy", "data", "--block-size", "3", "--min-block-size", "3")  # a bad row in each block
+    over = distinfer(*args, "--max-bad-rows", "1")
+    assert one_line_error(over).startswith("distinfer: error: 2 bad rows, over --max-bad-rows 1 (1 row); "
+                                           "the first: rows.txt line 3 is not valid UTF-8 text")
+    bad = distinfer(*args, "--max-bad-rows", "ten")
+    assert "--max-bad-rows must be a whole number of rows or a percentage" in one_line_error(bad)
+    ok = distinfer(*args, "--max-bad-rows", "40%")  # resumes the failed job
+    assert ok.returncode == 0, ok.stderr
+    assert "2 bad row(s) set aside in " in ok.stderr and "_errors/; the first: rows.txt line 3" in ok.stderr
+    assert ds.dataset(str(out)).to_table().column("row").to_pylist() == [0, 1, 3, 5]
+
+
 def test_job_file_with_flag_override(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     path, data = vectors
     job = tmp_path / "job.toml"

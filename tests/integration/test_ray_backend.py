@@ -230,3 +230,22 @@ def test_generation_on_ray_equals_the_local_backend(
         if name == "pipeline":
             [worker] = report.worker_stats
             assert worker.group is not None and len(worker.group.members) == 2
+
+
+def test_bad_rows_are_set_aside_on_ray_as_locally(cluster: Cluster, small_corpus: Path, tmp_path: Path) -> None:
+    lines = small_corpus.read_bytes().splitlines()
+    lines[7] = b"\xff\xfe not UTF-8"
+    lines[250] = b"caf\xe9"
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    options = dict(model="decoder-tiny", input=str(path), workers=2, batch_size=16, block_size=64,
+                   strategy="data", max_bad_rows=2)
+    report = distinfer.run(**options, output=str(tmp_path / "ray"), backend="ray")
+    distinfer.run(**options, output=str(tmp_path / "local"))
+    on_ray, local = table(tmp_path / "ray"), table(tmp_path / "local")
+    np.testing.assert_array_equal(on_ray["row"], [r for r in range(300) if r not in (7, 250)])
+    torch.testing.assert_close(torch.tensor(on_ray["hidden"]), torch.tensor(local["hidden"]))
+    errors = ds.dataset(str(tmp_path / "ray" / "_errors")).to_table().sort_by("row").to_pylist()
+    assert [(e["row"], e["stage"]) for e in errors] == [(7, "read"), (250, "read")]
+    assert errors[0]["message"] == "bad.txt line 8 is not valid UTF-8 text; re-encode the file as UTF-8"
+    assert report.bad_rows == 2

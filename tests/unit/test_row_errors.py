@@ -97,3 +97,52 @@ def test_rows_are_described_in_the_input_file(tmp_path: Path) -> None:
     npy = tmp_path / "in.npy"
     np.save(npy, np.zeros((4, 2), np.float32))
     assert describe_rows(open_source(str(npy)), [3]) == "in.npy row 3"
+
+
+class _Counted(_Sorted):
+    """_Sorted, counting how often each value went through the forward."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def forward(self, batch: Any) -> dict[str, np.ndarray]:
+        for v in np.asarray(batch).tolist():
+            self.seen[v] = self.seen.get(v, 0) + 1
+        return super().forward(batch)
+
+
+def test_isolation_finds_each_bad_row_once_and_computes_good_rows_little_more() -> None:
+    from distinfer.worker.quarantine import TooManyBadRows, run_isolating
+
+    x = np.arange(1, 65, dtype=np.int64)
+    x[5], x[22], x[40] = -1, 0, 101  # the forward raises for a batch; names the row; the preparer names it
+    runner = _Counted()
+    got = run_isolating(runner, {"x": x}, 8, StageTimer(), limit=3)
+    assert [(r, stage, e.kind) for r, stage, e in got.bad] == [
+        (5, "model", "ValueError"), (22, "model", "ModelInputError"), (40, "preprocess", "ModelInputError")]
+    good = [r for r in range(64) if r not in (5, 22, 40)]
+    assert got.rows.tolist() == good and got.outputs["y"].tolist() == (2 * x[good]).tolist()
+    # the first try stopped at the preparer; then each batch once, and the failing batches split:
+    # a row outside a failing batch runs once, one inside it at most 1 + log2(8) times
+    # sorted largest first, the bad values -1 and 0 share the last batch with 1 to 5
+    assert all(runner.seen[int(v)] == 1 for v in x[good] if v > 5), runner.seen
+    assert max(runner.seen.values()) <= 4 and sum(runner.seen.values()) <= 61 + 2 * 3 * 8
+    with pytest.raises(TooManyBadRows) as caught:
+        run_isolating(_Counted(), {"x": x}, 8, StageTimer(), limit=2)
+    assert caught.value.limit == 2
+
+
+def test_read_isolation_leaves_out_unreadable_lines(tmp_path: Path) -> None:
+    from distinfer.data.sources import plan_blocks
+    from distinfer.worker.quarantine import read_isolating
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": 1}\n{"text": "c"}\nnot json\n{"text": "\xff"}\n{"text": "f"}\n')
+    source = open_source(str(path))
+    (block,) = plan_blocks(source, 6, 6)
+    columns, kept, found = read_isolating(source, block, ["text"], limit=5)
+    assert columns == {"text": ["a", "c", "f"]} and kept == [0, 2, 5]
+    bad = {b.row: b for b in found}
+    assert sorted(bad) == [1, 3, 4] and all(b.stage == "read" for b in found)
+    assert bad[1].message.startswith("rows.jsonl line 2 field 'text' is a number") and bad[3].value == "not json"
+    assert "line 5 is not valid JSON (not UTF-8)" in bad[4].message

@@ -137,7 +137,8 @@ def _arrow_numeric(array: Any, rows: npt.NDArray[Any], field: str, where: Where)
         parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
         inner = _arrow_numeric(array.flatten(), rows[parents], field, where)
         return inner.reshape(len(array), width, *inner.shape[1:])
-    raise InputError(f"{where(int(rows[0]) if len(rows) else 0)} field '{field}' has type "
+    name = getattr(where, "quiet", where)  # the whole column's type: no row to blame
+    raise InputError(f"{name(int(rows[0]) if len(rows) else 0)} field '{field}' has type "
                      f"{kind}, which distinfer cannot feed to a model; "
                      "pick a string, numeric or list-of-numbers column")
 

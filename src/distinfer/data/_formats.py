@@ -14,7 +14,7 @@ import functools
 import io
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,9 +28,30 @@ from distinfer.data._storage import locate
 from distinfer.data.blocks import Block
 from distinfer.errors import InputError
 
-__all__ = ["OPENERS", "READERS", "group_bounds"]
+__all__ = ["OPENERS", "group_bounds", "raw_row", "read_rows"]
 
 _SAMPLE_BYTES = 1 << 20
+
+
+class _Rows:
+    """Names the rows a reader kept (`kept`: block-relative indices) in messages, and keeps
+    the first row it named: the one a row's error is about, since every such message names
+    its bad row first ("data.jsonl line 13 is not valid JSON"). A column-wide message names
+    rows with `describe_row` instead, so that no row is blamed for it."""
+
+    def __init__(self, spec: SourceSpec, block: Block, kept: Sequence[int]) -> None:
+        self.spec, self.block, self.kept = spec, block, kept
+        self.first: int | None = None
+
+    def __call__(self, i: int) -> str:
+        row = self.block.start + self.kept[i]
+        if self.first is None:
+            self.first = row
+        return describe_row(self.spec, row)
+
+    def quiet(self, i: int) -> str:
+        """Row `i` named without blaming it (a message about the whole column)."""
+        return describe_row(self.spec, self.block.start + self.kept[i])
 Opened = tuple[tuple[str, ...], int, tuple[str, ...]]  # columns, rows, numeric CSV columns
 
 
@@ -224,23 +245,22 @@ def _lines(spec: SourceSpec, block: Block) -> list[bytes]:
     return lines
 
 
-def _read_text(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+def _read_text(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     texts: list[str] = []
-    for i, line in enumerate(_lines(spec, block)):
+    lines = _lines(spec, block)
+    for i, line in enumerate(lines[k] for k in where.kept):
         try:
             texts.append(line.removesuffix(b"\r").decode("utf-8"))
         except UnicodeDecodeError:
-            raise InputError(f"{describe_row(spec, block.start + i)} is not valid UTF-8 text; "
+            raise InputError(f"{where(i)} is not valid UTF-8 text; "
                              "re-encode the file as UTF-8") from None
     return {"text": texts} if columns else {}
 
 
-def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
-    def where(i: int) -> str:
-        return describe_row(spec, block.start + i)
-
+def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     values: dict[str, list[Any]] = {c: [] for c in columns}
-    for i, line in enumerate(_lines(spec, block)):
+    lines = _lines(spec, block)
+    for i, line in enumerate(lines[k] for k in where.kept):
         if not line.strip():
             raise InputError(f"{where(i)} is blank; each line must hold one JSON object "
                              "(remove blank lines)")
@@ -260,15 +280,13 @@ def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str,
     return {c: json_column(v, c, where) for c, v in values.items()}
 
 
-def _read_csv(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
-    def where(i: int) -> str:
-        return describe_row(spec, block.start + i)
-
+def _read_csv(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     data = _read_bytes(spec.path, block.byte_start, block.byte_stop)
     records = _parse_csv(data, name_of(spec.path), block.start + 1)
     if len(records) != block.rows:
-        raise InputError(f"{where(0)} to {block.stop} do not parse as {block.rows} records; "
-                         "check their quoting (a stray quote or carriage return)")
+        raise InputError(f"{describe_row(spec, block.start)} to {block.stop} do not parse as "
+                         f"{block.rows} records; check their quoting (a stray quote or carriage return)")
+    records = [records[k] for k in where.kept]
     for i, record in enumerate(records):
         if len(record) != len(spec.columns):
             raise InputError(f"{where(i)} has {len(record)} fields but the header has "
@@ -285,7 +303,7 @@ def _row_group(path: str, mtime_ns: int, version: str, group: int, columns: tupl
         return file.read_row_group(group, columns=list(columns))
 
 
-def _read_parquet(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+def _read_parquet(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     bounds = group_bounds(spec.path, spec.mtime_ns, spec.version)
     pieces = []
     for group, (first, stop) in enumerate(itertools.pairwise(bounds)):
@@ -294,13 +312,17 @@ def _read_parquet(spec: SourceSpec, block: Block, columns: list[str]) -> dict[st
             low, high = max(first, block.start), min(stop, block.stop)
             pieces.append(table.slice(low - first, high - low))
     table = pa.concat_tables(pieces)
-    return {c: arrow_column(table.column(c), c, lambda i: describe_row(spec, block.start + i))
-            for c in columns}
+    if len(where.kept) < block.rows:
+        table = table.take(pa.array(where.kept, type=pa.int64()))
+    return {c: arrow_column(table.column(c), c, where) for c in columns}
 
 
-def _read_npy(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, Column]:
+def _read_npy(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     if not columns:
         return {}
+    if len(where.kept) < block.rows:
+        whole = _read_npy(spec, block, columns, _Rows(spec, block, range(block.rows)))["array"]
+        return {"array": np.asarray(whole)[np.asarray(where.kept, dtype=np.int64)]}
     if locate(spec.path).local:
         array = np.load(spec.path, mmap_mode="r", allow_pickle=False)
         return {"array": np.array(array[block.start : block.stop])}
@@ -313,7 +335,30 @@ def _read_npy(spec: SourceSpec, block: Block, columns: list[str]) -> dict[str, C
     return {"array": rows.copy()}  # writable, like a slice of a local file
 
 
-READERS: dict[str, Callable[[SourceSpec, Block, list[str]], dict[str, Column]]] = {
+_READERS: dict[str, Callable[[SourceSpec, Block, list[str], _Rows], dict[str, Column]]] = {
     "text": _read_text, "jsonl": _read_jsonl, "csv": _read_csv,
     "parquet": _read_parquet, "npy": _read_npy,
 }
+
+
+def read_rows(
+    spec: SourceSpec, block: Block, columns: list[str], skip: Collection[int] = ()
+) -> dict[str, Column]:
+    """The block's rows but those in `skip` (block-relative), per column. An error about one
+    row is an `InputError` whose `row` is that row (absolute)."""
+    where = _Rows(spec, block, [k for k in range(block.rows) if k not in skip] if skip else range(block.rows))
+    try:
+        return _READERS[spec.format](spec, block, columns, where)
+    except InputError as exc:
+        if exc.row is None and where.first is not None:
+            exc.row = where.first
+        raise
+
+
+def raw_row(spec: SourceSpec, block: Block, row: int) -> str:
+    """A line format's raw line of absolute row `row` (undecodable bytes replaced), for the
+    record of a bad row; "" for other formats."""
+    if spec.format not in ("text", "jsonl"):
+        return ""
+    line = _lines(spec, block)[row - block.start]
+    return line.removesuffix(b"\r").decode("utf-8", errors="replace")

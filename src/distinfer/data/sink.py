@@ -28,20 +28,24 @@ from distinfer.data.blocks import Block
 from distinfer.errors import OutputError
 
 __all__ = [
+    "ERRORS",
     "MANIFEST",
     "REPORT",
     "Manifest",
+    "first_errors",
     "join_location",
     "normalize_location",
     "part_name",
     "prepare_output",
     "remove_temp_parts",
     "save_json",
+    "write_errors",
     "write_part",
 ]
 
 MANIFEST = "_manifest.json"
 REPORT = "_report.json"
+ERRORS = "_errors"  # the bad rows a job set aside (`--max-bad-rows`), one part per block
 _PART = re.compile(r"part-(\d{6,})\.parquet")
 _TEMP = re.compile(r"\.(part-\d{6,}\.parquet|_manifest\.json|_report\.json)\.\w+\.tmp")
 
@@ -104,6 +108,45 @@ def write_part(
     return str(final)
 
 
+def write_errors(out_dir: str, block_id: int, bad: Sequence[Any]) -> None:
+    """A block's bad rows (`messages.BadRow`) as DIR/_errors/part-N.parquet, atomically
+    (row, stage, error_type, message, input); no rows: the block's old errors part removed."""
+    folder = _out(out_dir).child(ERRORS)
+    final = folder.child(part_name(block_id))
+    if not bad:
+        _remove(final)
+        return
+    table = pa.table({
+        "row": pa.array([b.row for b in bad], pa.int64()),
+        "stage": pa.array([b.stage for b in bad], pa.string()),
+        "error_type": pa.array([b.kind for b in bad], pa.string()),
+        "message": pa.array([b.message for b in bad], pa.string()),
+        "input": pa.array([b.value for b in bad], pa.string()),
+    })  # fmt: skip
+    try:
+        folder.makedirs()
+        final.write(lambda sink: pq.write_table(table, sink))
+    except OSError as exc:
+        raise OutputError(f"cannot write '{final}' ({_reason(exc)}); check free space "
+                          "and permissions of the output directory") from None
+
+
+def first_errors(out_dir: str, blocks: Sequence[int], most: int) -> list[str]:
+    """The messages of the first `most` bad rows of `blocks` (in block order) in DIR/_errors/."""
+    folder = _out(out_dir).child(ERRORS)
+    messages: list[str] = []
+    for block in sorted(blocks):
+        if len(messages) >= most:
+            break
+        part = folder.child(part_name(block))
+        try:
+            with part.open(random_access=True) as f:
+                messages += pq.read_table(f, columns=["message"]).column("message").to_pylist()
+        except (OSError, pa.ArrowException):
+            continue  # a resumed job's summary goes without it
+    return messages[:most]
+
+
 def save_json(out_dir: str, name: str, data: Any, indent: int = 1) -> str:
     """Write `data` as DIR/name atomically (synced to disk if local); return its location."""
     final = _out(out_dir).child(name)
@@ -117,17 +160,21 @@ def save_json(out_dir: str, name: str, data: Any, indent: int = 1) -> str:
 
 @dataclass
 class Manifest:
-    """A job's identity and the blocks already written; saved as DIR/_manifest.json."""
+    """A job's identity and the blocks already written; saved as DIR/_manifest.json.
+    `bad`: the rows each committed block set aside (absolute rows), which a resumed job does
+    not retry unless asked (`--retry-bad-rows`)."""
 
     job: dict[str, Any]
     blocks: int
     committed: dict[int, int] = field(default_factory=dict)
     complete: bool = False
+    bad: dict[int, list[int]] = field(default_factory=dict)
 
     def save(self, out_dir: str) -> None:
         committed = {str(k): v for k, v in sorted(self.committed.items())}
-        save_json(out_dir, MANIFEST, {"job": self.job, "blocks": self.blocks,
-                                      "committed": committed, "complete": self.complete})
+        bad = {str(k): v for k, v in sorted(self.bad.items()) if k in self.committed}
+        save_json(out_dir, MANIFEST, {"job": self.job, "blocks": self.blocks, "committed": committed,
+                                      "complete": self.complete, "bad_rows": bad})
 
     @classmethod
     def load(cls, out_dir: str) -> Manifest | None:
@@ -136,7 +183,8 @@ class Manifest:
             data = json.loads(path.read())
             manifest = cls(data["job"], data["blocks"],
                            {int(k): int(v) for k, v in data["committed"].items()},
-                           data["complete"])
+                           data["complete"],
+                           {int(k): [int(r) for r in v] for k, v in data.get("bad_rows", {}).items()})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -163,7 +211,17 @@ def remove_temp_parts(out_dir: str) -> None:
 
 
 def _ours(name: str) -> bool:
-    return name in (MANIFEST, REPORT) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
+    return name in (MANIFEST, REPORT, ERRORS) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
+
+
+def _error_parts(out: Location) -> list[str]:
+    try:
+        return [n for n in out.child(ERRORS).listdir() if _PART.fullmatch(n) or _TEMP.fullmatch(n)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise OutputError(f"cannot list '{out.child(ERRORS)}' ({_reason(exc)}); check the output "
+                          "directory's permissions") from None
 
 
 def _make_dir(out: Location) -> None:
@@ -190,10 +248,15 @@ def _footer_rows(part: Location) -> int | None:
         return None
 
 
-def _resume(out: Location, old: Manifest, blocks: Sequence[Block], names: list[str]) -> Manifest:
-    """Keep the parts that are on disk and whole; delete the rest so they are recomputed."""
+def _resume(
+    out: Location, old: Manifest, blocks: Sequence[Block], names: list[str], retry_bad: bool
+) -> Manifest:
+    """Keep the parts that are on disk and whole; delete the rest so they are recomputed.
+    A block that set rows aside is kept with them, or recomputed with `retry_bad`."""
     plan = {block.id: block for block in blocks}
     committed: dict[int, int] = {}
+    if retry_bad:
+        old = Manifest(old.job, old.blocks, {k: v for k, v in old.committed.items() if k not in old.bad})
     for name in names:
         match = _PART.fullmatch(name)
         if not match:
@@ -207,15 +270,22 @@ def _resume(out: Location, old: Manifest, blocks: Sequence[Block], names: list[s
             committed[block.id] = block.rows
         else:
             _remove(path)
-    return Manifest(old.job, len(blocks), committed, old.complete and len(committed) == len(plan))
+    for name in _error_parts(out):  # a recomputed block writes its bad rows again
+        match = _PART.fullmatch(name)
+        if not match or int(match[1]) not in committed:
+            _remove(out.child(ERRORS).child(name))
+    bad = {k: v for k, v in old.bad.items() if k in committed}
+    return Manifest(old.job, len(blocks), committed, old.complete and len(committed) == len(plan), bad)
 
 
 def prepare_output(
-    out_dir: str, job: dict[str, Any], blocks: Sequence[Block], overwrite: bool
+    out_dir: str, job: dict[str, Any], blocks: Sequence[Block], overwrite: bool, retry_bad: bool = False
 ) -> Manifest:
     """Make DIR ready for `job`: fresh, resumed from its manifest, or refused; save the manifest.
 
-    `--overwrite` always starts afresh, deleting only distinfer's own files in DIR.
+    `--overwrite` always starts afresh, deleting only distinfer's own files in DIR (and the
+    bad rows' parts in DIR/_errors/). `retry_bad`: a resumed job recomputes the blocks that
+    set rows aside.
     """
     out = _out(out_dir)
     _make_dir(out)
@@ -242,11 +312,13 @@ def prepare_output(
         raise OutputError(f"output directory '{out_dir}' is not empty and holds no distinfer "
                           "job; choose an empty or new --output")
     if old is None or overwrite:
+        for name in _error_parts(out):
+            _remove(out.child(ERRORS).child(name))
         for name in names:
-            if _ours(name):
+            if _ours(name) and name != ERRORS:
                 _remove(out.child(name))
         manifest = Manifest(job, len(blocks), {})
     else:
-        manifest = _resume(out, old, blocks, names)
+        manifest = _resume(out, old, blocks, names, retry_bad)
     manifest.save(out_dir)
     return manifest

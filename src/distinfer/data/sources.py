@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from distinfer.data._columns import Column
-from distinfer.data._formats import OPENERS, READERS, group_bounds
+from distinfer.data._formats import OPENERS, group_bounds, raw_row, read_rows
 from distinfer.data._scan import record_offsets
 from distinfer.data._spec import SourceSpec, changed, describe_row, name_of
 from distinfer.data._storage import Stat, is_url, locate, normalize_location
@@ -31,6 +31,7 @@ __all__ = [
     "describe_row",
     "open_source",
     "plan_blocks",
+    "raw_row",
     "read_block",
 ]
 
@@ -107,12 +108,15 @@ def check_columns(spec: SourceSpec, columns: Sequence[str]) -> None:
                              f"(available: {available}); pick one with --column")
 
 
-def read_block(spec: SourceSpec, block: Block, columns: Sequence[str]) -> dict[str, Column]:
-    """The requested columns of `block`'s rows only, each a list[str] or an ndarray."""
+def read_block(
+    spec: SourceSpec, block: Block, columns: Sequence[str], skip: Collection[int] = ()
+) -> dict[str, Column]:
+    """The requested columns of `block`'s rows only, each a list[str] or an ndarray; the
+    block-relative rows in `skip` left out. An error about one row names it (`InputError.row`)."""
     check_columns(spec, columns)
     _check_unchanged(spec)
     try:
-        return READERS[spec.format](spec, block, list(columns))
+        return read_rows(spec, block, list(columns), skip)
     except OSError as exc:
         raise InputError(f"input file '{spec.path}' cannot be read ({_reason(exc)}); "
                          "check that it is still there and readable") from None

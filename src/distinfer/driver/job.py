@@ -20,9 +20,9 @@ from .. import messages as msg
 from ..backends import Backend, make_backend
 from ..config import RunConfig
 from ..data.blocks import Block
-from ..data.sink import REPORT, normalize_location, prepare_output, remove_temp_parts, save_json
+from ..data.sink import REPORT, first_errors, normalize_location, prepare_output, remove_temp_parts, save_json
 from ..data.sources import SourceSpec, open_source, plan_blocks
-from ..errors import ConfigError, ErrorInfo, InputError, WorkersNotReadyError
+from ..errors import ConfigError, ErrorInfo, InputError, JobFailedError, WorkersNotReadyError
 from ..models.families import parse_model
 from ..models.family import ModelSpec
 from ..planning import parse_memory
@@ -48,6 +48,7 @@ from .layout import plan_layout
 __all__ = ["run_job"]
 
 _MANIFEST_EVERY_S = 0.5
+_REASONS = 3  # bad rows' reasons kept for the summary and a failure's message
 
 
 def _job_identity(
@@ -107,6 +108,7 @@ class _Job:
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
             config.device, layout.strategy, layout.stages, layout.ranks,
             tensor_comm=config.tensor_comm, stage_slot_bytes=layout.slot_bytes,
+            max_bad_rows=config.bad_row_limit(self.source.num_rows),
         )
         self.backend_factory = backend_factory
         self.report = JobReport(
@@ -129,10 +131,13 @@ class _Job:
             blocks = plan_blocks(self.source, self.config.block_size or 1024, self.config.first_block_size)
             self.blocks = {b.id: b for b in blocks}
             identity = _job_identity(self.config, self.spec.model, self.source, blocks)
-            self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite)
+            self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite,
+                                           self.config.retry_bad_rows)
             todo = {b.id: b.rows for b in blocks if b.id not in self.manifest.committed}
             self.report.blocks = len(blocks)
             self.report.rows_resumed = sum(self.manifest.committed.values())
+            self.report.bad_rows = sum(len(rows) for rows in self.manifest.bad.values())
+            self.report.bad_reasons = first_errors(self.output_dir, list(self.manifest.bad), _REASONS)
             self._loop(backend, todo, workers)
             finished = True
         finally:
@@ -192,6 +197,22 @@ class _Job:
     def _now(self) -> float:
         return time.monotonic() - self.started
 
+    def _set_aside(self, done: BlockDone) -> None:
+        """Record a committed block's bad rows; more than the job allows fails it (the
+        committed blocks stay, for a resumed run with a higher --max-bad-rows)."""
+        self.manifest.bad[done.block] = [b.row for b in done.bad]
+        self.report.bad_rows += len(done.bad)
+        self.report.bad_reasons.extend(b.message for b in done.bad[: _REASONS - len(self.report.bad_reasons)])
+        limit = self.spec.max_bad_rows
+        if self.report.bad_rows > limit:
+            self.manifest.save(self.output_dir)
+            first = "; ".join(self.report.bad_reasons)
+            raise JobFailedError(
+                f"{self.report.bad_rows} bad rows, over --max-bad-rows {self.config.max_bad_rows} "
+                f"({limit} row{'' if limit == 1 else 's'}); the first: {first}. Fix those rows or allow "
+                "more, then run the same command again: the finished blocks are kept"
+            )
+
     def _act(self, backend: Backend, action: Action, finished: bool) -> None:
         if isinstance(action, Assign):
             backend.send(action.worker, msg.RunBlock(self.blocks[action.block]))
@@ -216,6 +237,8 @@ class _Job:
                 self.report.rows += item.rows
                 if not self.report.first_block_s:
                     self.report.first_block_s = self._now()
+                if item.bad:
+                    self._set_aside(item)
             self.stats[item.worker].add_block(item.rows, item.seconds, item.elapsed_s, item.group,
                                               item.generation)
             if item.generation is not None:

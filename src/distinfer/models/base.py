@@ -20,7 +20,8 @@ from ..errors import ModelInputError, RowsError
 from ..messages import GenerationStats, GroupStats, TensorInfo
 
 __all__ = [
-    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "concat_columns", "run_block",
+    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "concat_columns",
+    "prepare_block", "rows_in_batch", "run_block",
 ]  # fmt: skip
 
 Column = list[str] | np.ndarray
@@ -189,14 +190,15 @@ def run_block(
 
 def _batch_rows(prepared: Batches, index: int) -> tuple[int, ...]:
     """The block rows of batch `index`: a batch's rows are its first axis (of its first array)."""
-    start = sum(_rows_in(b) for b in prepared.batches[:index])
-    stop = start + _rows_in(prepared.batches[index])
+    start = sum(rows_in_batch(b) for b in prepared.batches[:index])
+    stop = start + rows_in_batch(prepared.batches[index])
     if prepared.order is None:
         return tuple(range(start, stop))
     return tuple(int(r) for r in prepared.order[start:stop])
 
 
-def _rows_in(batch: Any) -> int:
+def rows_in_batch(batch: Any) -> int:
+    """A batch's rows: the first axis of its first array."""
     while isinstance(batch, (tuple, list, dict)) and batch:
         batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
     shape = getattr(batch, "shape", None)

@@ -258,7 +258,8 @@ def make_plans(profile: Profile, cluster: Cluster, work: Workload) -> list[Plan]
     """Every candidate layout, best first; refused ones last, each with its reason."""
     if work.rows < 0:
         raise ConfigError(f"the row count must be >= 0, got {work.rows}")
-    batches = work.batch_sizes or tuple(sorted({r.batch_size for r in profile.rates if r.processes == 1 and r.ranks == 1}))
+    alone = {r.batch_size for r in profile.rates if r.processes == 1 and r.ranks == 1}
+    batches = work.batch_sizes or tuple(sorted(alone))
     # a batch never holds more rows than its block: larger sizes would run as the block's size
     batches = tuple(b for b in batches if b <= work.block_size) or batches[:1]
     node_cores = min(n.cores for n in cluster.nodes)

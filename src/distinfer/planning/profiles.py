@@ -3,9 +3,10 @@
 A `Profile` holds only measurements (driver/profiling.py takes them): one process's rows/s
 at a few thread counts and batch sizes, what several such processes get when they run at
 once (the contention of shared cores and memory bandwidth), what one tensor-parallel group
-gets, per-layer times and sizes (for pipeline cuts and tensor shards), the links between processes, the start-up cost and the
-peak memory of a worker. The cost model (costmodel.py) predicts every layout from these
-figures alone, so a plan is instant once the profile is cached.
+gets, per-layer times and sizes (for pipeline cuts and tensor shards), the links between
+processes, the start-up cost and the peak memory of a worker. The cost model
+(costmodel.py) predicts every layout from these figures alone, so a plan is instant once
+the profile is cached.
 
 Profiles are cached as JSON under `~/.cache/distinfer/profiles/` (or `$DISTINFER_CACHE`),
 one file per machine and model: the key names the CPU model, the cores, the memory and the

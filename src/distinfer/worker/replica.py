@@ -20,10 +20,11 @@ import numpy as np
 
 from ..data._spec import name_of
 from ..data.blocks import Block
-from ..data.sink import write_part
+from ..data.sink import write_errors, write_part
 from ..data.sources import SourceSpec, read_block
 from ..errors import DistinferError, ErrorInfo, ModelError, ModelInputError, RowsError
 from ..messages import (
+    BadRow,
     BatchDone,
     BatchFailed,
     BlockDone,
@@ -35,6 +36,7 @@ from ..messages import (
 from ..models.base import Column, Runner, StageTimer, TensorInfo, prepare_block, run_block
 from ..models.families import load_runner
 from .process import limit_threads
+from .quarantine import Isolator, TooManyBadRows, read_isolating, row_value, run_isolating
 
 if TYPE_CHECKING:
     from .text_serving import TextServing
@@ -69,7 +71,8 @@ class Replica:
         elif spec.serving:
             self._warm_up()
         self.streams = spec.model.generation is not None and spec.source is not None
-        self._open: dict[int, tuple[Block, StageTimer]] = {}
+        self._open: dict[int, tuple[Block, StageTimer, np.ndarray, list[BadRow]]] = {}
+        self._done_early: dict[int, BlockDone] = {}  # generation: blocks with no good row
         self._finished: dict[int, BlockDone | ErrorInfo] = {}
         self._lock = threading.Lock()
         self.ready_at = time.perf_counter()
@@ -137,28 +140,61 @@ class Replica:
 
     def run(self, block: Block, waited_s: float = 0.0) -> BlockDone:
         """One block, read, run and written. A generation replica may be given the next block
-        on another thread while one runs (a Ray actor's second call): both share its engine."""
+        on another thread while one runs (a Ray actor's second call): both share its engine.
+        With a bad-row allowance the block's bad rows are set aside (worker/quarantine.py)."""
         if self.streams:
             return self._run_shared(block, waited_s)
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
-        assert self.spec.source is not None, "a serving replica runs no blocks"
-        inputs = read_inputs(self.spec.source, block, self.binding)
+        source = self.spec.source
+        assert source is not None, "a serving replica runs no blocks"
+        if self.spec.max_bad_rows > 0:
+            with too_many_named(source, block):
+                kept, inputs, bad = self._read_quarantined(block)
+                t = timer.add("read", t)
+                with rows_named(source, block, kept):
+                    isolated = run_isolating(self.runner, inputs, self.spec.batch_size, timer,
+                                             self.spec.max_bad_rows - len(bad))
+            bad += self._bad_rows(source, block, kept, inputs, isolated.bad)
+            rows = kept[isolated.rows] if len(kept) else kept
+            return self._commit(block, isolated.outputs, timer, self.runner.generation_stats(), rows, bad)
+        inputs = read_inputs(source, block, self.binding)
         t = timer.add("read", t)
-        with rows_named(self.spec.source, block):
+        with rows_named(source, block):
             outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)
         return self._commit(block, outputs, timer, self.runner.generation_stats())
 
+    def _read_quarantined(self, block: Block) -> tuple[np.ndarray, dict[str, Column], list[BadRow]]:
+        """The block's readable rows (absolute), their inputs, and the unreadable rows."""
+        assert self.spec.source is not None
+        wanted = list(dict.fromkeys(self.binding.values()))
+        columns, kept, bad = read_isolating(self.spec.source, block, wanted, self.spec.max_bad_rows)
+        inputs = {name: columns[col] for name, col in self.binding.items()}
+        return block.start + np.asarray(kept, dtype=np.int64), inputs, bad
+
+    @staticmethod
+    def _bad_rows(source: SourceSpec, block: Block, kept: np.ndarray, inputs: Mapping[str, Column],
+                  found: list[tuple[int, str, ErrorInfo]]) -> list[BadRow]:
+        """Bad rows found among `inputs` (the block's rows `kept`), as records naming their rows."""
+        return [BadRow(int(kept[i]), stage, error.kind,
+                       f"{describe_rows(source, [int(kept[i])])}: {error.message}", row_value(inputs, i))
+                for i, stage, error in found]  # fmt: skip
+
     def _commit(self, block: Block, outputs: Mapping[str, np.ndarray], timer: StageTimer,
-                generation: GenerationStats | None) -> BlockDone:
+                generation: GenerationStats | None, rows: np.ndarray | None = None,
+                bad: Sequence[BadRow] = ()) -> BlockDone:
+        """Write the block's part (its rows `rows`, all of them by default) and its bad rows."""
         t = time.perf_counter()
-        rows = np.arange(block.start, block.stop, dtype=np.int64)
-        _check_rows(outputs, block.rows)
+        if rows is None:
+            rows = np.arange(block.start, block.stop, dtype=np.int64)
+        _check_rows(outputs, len(rows))
+        if self.spec.max_bad_rows > 0:  # before the part, so that a committed part has its errors
+            write_errors(self.spec.output_dir, block.id, bad)
         write_part(self.spec.output_dir, block.id, rows, outputs)
         timer.add("write", t)
         return BlockDone(
             self.worker, block.id, block.rows, timer.seconds, time.perf_counter() - self.ready_at,
-            self.runner.group_stats(), generation,
+            self.runner.group_stats(), generation, tuple(bad),
         )
 
     # --- generation: blocks overlap in one engine ----------------------------------------
@@ -174,16 +210,32 @@ class Replica:
 
     def open(self, block: Block, waited_s: float = 0.0) -> None:
         """Read and prepare a block and add its prompts to the engine; a bad row raises here."""
-        assert self.spec.source is not None, "a serving replica runs no blocks"
+        source = self.spec.source
+        assert source is not None, "a serving replica runs no blocks"
         timer = StageTimer({"idle": waited_s})
         t = time.perf_counter()
-        inputs = read_inputs(self.spec.source, block, self.binding)
-        t = timer.add("read", t)
-        with rows_named(self.spec.source, block):
-            prepared = prepare_block(self.runner, inputs, self.spec.batch_size)
+        if self.spec.max_bad_rows > 0:
+            with too_many_named(source, block):
+                kept, inputs, bad = self._read_quarantined(block)
+                t = timer.add("read", t)
+                with rows_named(source, block, kept):
+                    isolator = Isolator(self.runner, inputs, self.spec.batch_size,
+                                        self.spec.max_bad_rows - len(bad))
+                    prepared, good = isolator.prepare(list(range(len(kept))))
+            bad += self._bad_rows(source, block, kept, inputs, isolator.bad)
+            kept = kept[np.asarray(good, dtype=np.int64)]
+        else:
+            inputs = read_inputs(source, block, self.binding)
+            t = timer.add("read", t)
+            with rows_named(source, block):
+                prepared = prepare_block(self.runner, inputs, self.spec.batch_size)
+            kept, bad = np.arange(block.start, block.stop, dtype=np.int64), []
         timer.add("preprocess", t)
+        if prepared is None:  # every row was bad: nothing to generate
+            self._done_early[block.id] = self._commit(block, {}, timer, None, kept, bad)
+            return
         self.runner.open(block.id, prepared.batches[0])  # type: ignore[attr-defined]
-        self._open[block.id] = (block, timer)
+        self._open[block.id] = (block, timer, kept, bad)
 
     def advance(self) -> list[BlockDone]:
         """One engine step; the blocks it finished, committed. An error in the step fails every
@@ -196,9 +248,11 @@ class Replica:
             raise GenerationFailed(keys, error_info(exc)) from exc
         done = []
         for key, outputs, stats in ended:
-            block, timer = self._open.pop(key)
+            block, timer, kept, bad = self._open.pop(key)
             timer.seconds["model"] = stats.model_s
-            done.append(self._commit(block, outputs, timer, stats))
+            done.append(self._commit(block, outputs, timer, stats, kept, bad))
+        done += self._done_early.values()
+        self._done_early.clear()
         return done
 
     def _run_shared(self, block: Block, waited_s: float) -> BlockDone:
@@ -233,17 +287,34 @@ class GenerationFailed(Exception):
 
 
 @contextmanager
-def rows_named(source: SourceSpec, block: Block) -> Iterator[None]:
-    """Errors about rows (or the block's column) re-raised naming the input's absolute rows."""
+def rows_named(source: SourceSpec, block: Block, kept: np.ndarray | None = None) -> Iterator[None]:
+    """Errors about rows (or the block's column) re-raised naming the input's absolute rows
+    (`kept`: the absolute row of each row the code inside was given; the block's by default)."""
     try:
         yield
     except RowsError as exc:  # the input's absolute rows, named once
-        at_fault = [block.start + r for r in exc.rows] or range(block.start, block.stop)
+        rows = np.arange(block.start, block.stop) if kept is None else kept
+        at_fault = [int(rows[r]) for r in exc.rows if 0 <= r < len(rows)] or [int(r) for r in rows]
         where = describe_rows(source, at_fault)
         raise exc.with_message(f"{where}: {exc.error.message}") from None
     except ModelInputError as exc:  # about the block's column as a whole
         where = describe_rows(source, range(block.start, block.stop))
         raise ModelInputError(f"{where}: {exc}") from None
+
+
+@contextmanager
+def too_many_named(source: SourceSpec, block: Block) -> Iterator[None]:
+    """A block over the bad-row allowance fails the job, saying so and naming its first error."""
+    try:
+        yield
+    except TooManyBadRows as exc:
+        error = ErrorInfo(
+            "JobFailedError",
+            f"{describe_rows(source, range(block.start, block.stop))} hold more than {exc.limit} bad "
+            f"rows, over --max-bad-rows; one of them: {exc.first.message}",
+            fatal=True,
+        )
+        raise RowsError(error) from None
 
 
 def describe_rows(source: SourceSpec, rows: Sequence[int]) -> str:
