@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
@@ -45,8 +47,27 @@ if TYPE_CHECKING:
 __all__ = ["LocalBackend"]
 
 
+_PARENT_POLL_S = 1.0  # how often a worker checks that its driver is still there
+
+
+def _exit_with_parent() -> None:
+    """End this worker within about a second once the driver is gone (killed, even with
+    SIGKILL, which closes no pipe in time for a worker in the middle of a block): a daemon
+    thread watches the parent's pid. Its stage and rank processes watch theirs in turn."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent:
+                os._exit(3)  # nobody will read what this worker makes; resume redoes its block
+
+    threading.Thread(target=watch, name="distinfer-parent-watch", daemon=True).start()
+
+
 def _worker_main(worker: int, spec: WorkerSpec, conn: Connection) -> None:
     entered = time.perf_counter()
+    _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     log_to_stderr(logging.WARNING)  # a worker's last words (a group lost) reach its stderr
     try:

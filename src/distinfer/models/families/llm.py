@@ -61,6 +61,9 @@ class LlmFamily(ModelFamily):
         if path.suffix.lower() == ".gguf":
             if not path.is_file():
                 raise ModelError(f"model file '{name}' does not exist")
+            from ..file_checks import check_gguf
+
+            check_gguf(path.resolve())
             return ModelSpec(str(path.resolve()), self)
         if path.is_dir() and (path / "config.json").is_file():
             try:
@@ -72,6 +75,10 @@ class LlmFamily(ModelFamily):
                 arch = raw.get("model_type") or (names[0] if names else "?")
                 raise ModelError(f"{path}: architecture '{arch}' is not supported; supported: "
                                  "Gemma 3 (gemma3), Llama (llama, mistral, qwen2)")
+            from ..file_checks import check_safetensors
+
+            for weights in sorted(path.glob("*.safetensors")):
+                check_safetensors(weights.resolve())
             return ModelSpec(str(path.resolve()), self)
         return None
 

@@ -32,6 +32,9 @@ class OnnxFamily(ModelFamily):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ModelError(f"model file '{name}' does not exist; check --model")
+        from ..file_checks import check_onnx
+
+        check_onnx(path.resolve())
         return ModelSpec(str(path.resolve()), self)
 
     def runner(self, spec: ModelSpec, threads: int, device: str) -> Runner:

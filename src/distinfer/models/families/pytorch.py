@@ -37,6 +37,9 @@ class TorchFamily(ModelFamily):
             path = Path(name).expanduser()
             if not path.is_file():
                 raise ModelError(f"model file '{name}' does not exist; check --model")
+            from ..file_checks import check_torch_file
+
+            check_torch_file(path.resolve())
             return ModelSpec(str(path.resolve()), self)
         return ModelSpec(name, self) if _FACTORY.match(name) else None
 
