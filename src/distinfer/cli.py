@@ -43,6 +43,7 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
     p.add_argument("--max-bad-rows", metavar="N|P%", help="rows that may fail (unreadable, rejected by the model's preprocessing, or raising in the forward pass) and be set aside: N rows, or P%% of the input's rows. Each goes to DIR/_errors/ (Parquet: row, stage, error_type, message, input) and every other row is computed; the job fails when more fail. Default 0: the first bad row fails the job, naming it")
+    p.add_argument("--speculation", choices=["on", "off"], help="at the job's tail, an idle worker runs a copy of a block whose worker is much slower than the others; the first copy to finish commits (default on)")
     p.add_argument("--retry-bad-rows", action="store_true", help="when resuming, compute the rows set aside by the earlier run again (by default they stay set aside)")
     _layout_args(p)
     _generation_args(p, job=True)
@@ -285,6 +286,8 @@ def _cmd_run(args: dict[str, Any]) -> int:
     options.setdefault("progress", None)  # the CLI draws a bar on a terminal; the API does not
     if "stop" in args:
         args["stop"] = tuple(args["stop"])
+    if "speculation" in args:
+        args["speculation"] = args["speculation"] == "on"
     options.update(args)
     report = run(**options)  # keywords: an option given by name, --strategy auto among them, is known
     print(report.summary(), file=sys.stderr)

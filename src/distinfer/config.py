@@ -57,6 +57,7 @@ class RunConfig:
     # rows; 0 (the default): the first bad row fails the job
     max_bad_rows: int | str = 0
     retry_bad_rows: bool = False  # a resumed job computes the rows set aside before again
+    speculation: bool = True  # copies of slow blocks for idle workers at the tail (scheduler.py)
     progress: bool | None = False  # None: a progress bar when stderr is a terminal (the CLI's default)
     # text generation (--task generate, the default for generation models)
     task: str | None = None  # "generate", or None: the model's own task
@@ -124,6 +125,9 @@ class RunConfig:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         self.bad_row_limit(0)
+        if not isinstance(self.speculation, bool):
+            raise ConfigError(f"speculation must be true or false (--speculation on|off), "
+                              f"got {self.speculation!r}")
         self._check_generation()
 
     def bad_row_limit(self, rows: int) -> int:

@@ -238,6 +238,9 @@ class JobReport:
     baseline_throughput: float | None = None
     bad_rows: int = 0  # rows set aside (--max-bad-rows), this run's and a resumed run's
     bad_reasons: list[str] = field(default_factory=list)  # the first few, each naming its row
+    speculated: int = 0  # blocks copied to an idle worker at the tail
+    speculation_won: int = 0  # ... whose copy finished first
+    speculation_wasted_s: float = 0.0  # worker-seconds the losing copies ran
     worker_stats: list[WorkerStats] = field(default_factory=list)
 
     @property
@@ -355,6 +358,10 @@ class JobReport:
                 lines.extend(w.group.lines())
         if self.restarts:
             lines.append(f"  {self.restarts} worker(s) replaced")
+        if self.speculated:
+            lines.append(f"  speculation: {self.speculated} block(s) copied at the tail, "
+                         f"{self.speculation_won} copy(ies) finished first, "
+                         f"{self.speculation_wasted_s:.1f} worker-s on losing copies")
         lines.append(f"  output: {self.output_dir}")
         return "\n".join(lines)
 

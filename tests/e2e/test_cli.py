@@ -90,7 +90,7 @@ def test_yaml_job_file(vectors: tuple[Path, np.ndarray], tmp_path: Path) -> None
         (lambda d, v: ["--model", "minilm", "--input", str(d / "nope.txt")], r"'.*nope.txt' does not exist"),
         (lambda d, v: ["--model", "toy_models:mlp", "--input", str(v), "--column", "txt"], r"no column 'txt'"),
         (lambda d, v: ["--model", "nosuchmodel", "--input", str(v)], r"unknown model 'nosuchmodel'"),
-        (lambda d, v: ["--model", str(d / "junk.onnx"), "--input", str(v)], r"cannot load ONNX model"),
+        (lambda d, v: ["--model", str(d / "junk.onnx"), "--input", str(v)], r"junk.onnx: not a readable ONNX file"),
         (lambda d, v: ["--model", "no_such_module:f", "--input", str(v)], r"cannot import 'no_such_module'"),
         (lambda d, v: ["--model", "toy_models:not_a_module", "--input", str(v)], r"not a torch.nn.Module"),
         (lambda d, v: ["--model", "toy_models:mlp", "--input", str(d / "narrow.npy")], r"shape \[32, 12\].*check --column"),

@@ -67,8 +67,11 @@ def test_unreadable_model_files(tmp_path: Path) -> None:
 def test_parse_model_kinds(tmp_path: Path) -> None:
     assert parse_model("minilm").kind == "minilm"
     assert parse_model("pkg.mod:make").kind == "torch"
-    (tmp_path / "m.pt").write_bytes(b"")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.pt"))
     assert parse_model(str(tmp_path / "m.pt")).kind == "torch"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelError, match="not a TorchScript or torch.export archive"):
+        parse_model(str(tmp_path / "empty.pt"))
 
 
 def test_decoder_names() -> None:

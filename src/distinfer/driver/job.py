@@ -159,6 +159,7 @@ class _Job:
             prefetch=self.config.prefetch,
             max_restarts=self.config.max_restarts,
             start_timeout_s=self.config.start_timeout_s,
+            speculation=self.config.speculation,
         )
         scheduler = Scheduler(todo, workers, sched_config, self._now())
         progress = Progress(sum(todo.values()), self.config.progress)
@@ -193,6 +194,9 @@ class _Job:
         finally:
             progress.close(self.report.rows)
             self.report.restarts = scheduler.restarts_used
+            spec = scheduler.speculation_stats
+            self.report.speculated, self.report.speculation_won = spec.speculated, spec.won
+            self.report.speculation_wasted_s = spec.wasted_s
 
     def _now(self) -> float:
         return time.monotonic() - self.started

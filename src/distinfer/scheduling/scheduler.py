@@ -17,6 +17,18 @@ be reproduced from a list of events alone, and the same list always yields the s
   A victim may have started the block before the `Cancel` reached it; both copies may then
   run, and the first `BlockDone` wins: block output is idempotent, so a duplicate costs time,
   never correctness. `steal=False` turns stealing off (the simulator shows what it is worth).
+* Speculation at the tail (`speculation=True`; `distinfer run` turns it on, `--speculation
+  off`): once `speculation_quantile` of the blocks are done, a ready worker left with
+  nothing (nothing pending, nothing to steal) runs a copy of a running block when that
+  block is slow, its worker taking over `speculation_multiplier` times the typical time for
+  its rows (the median per-row time of the finished blocks), by its measured rate or by the
+  time it has already run, and when the copy is expected to end first (at the idle worker's
+  rate). Of several, the block expected to end last. The first `BlockDone` commits; the
+  other copy gets a `Cancel` (a worker honours it between blocks; a running copy ends and
+  its duplicate output is dropped). Spark's defaults (since 4.0): multiplier 3, quantile
+  0.9. `speculation_stats` counts blocks speculated, copies that won, and the worker-seconds
+  the losers spent. Rates come from the times of the events (`now`): a worker's rows over
+  the seconds from each `BlockStarted` to its `BlockDone`.
 * Workers' life cycle is the `Supervisor`'s (supervisor.py, shared with the server): ready,
   unusable (`WorkerFailed`: stopped at once, replaced unless fatal; a fatal one fails the job
   with its error), lost (replaced), fresh ids (max id ever + 1), at most `max_restarts`
@@ -61,6 +73,8 @@ rebuilt at the next steal). Failures still scan the workers (`_spread`), once pe
 from __future__ import annotations
 
 import heapq
+import math
+import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +98,7 @@ from distinfer.messages import (
 )
 from distinfer.scheduling.supervisor import NotReady, Retired, Supervision, Supervisor, SupervisorConfig
 
-__all__ = ["Scheduler", "SchedulerConfig"]
+__all__ = ["Running", "Scheduler", "SchedulerConfig", "SpeculationStats", "pick_speculation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +116,12 @@ class SchedulerConfig:
     a replacement still loading this long after its start is stopped and replaced."""
     steal: bool = True
     """Tail stealing: a worker that runs dry takes a not-started block from the fullest queue."""
+    speculation: bool = False
+    """Copies of slow running blocks for idle workers at the tail (see the module docstring)."""
+    speculation_multiplier: float = 3.0
+    """A block is slow when its worker takes this many times the typical time for its rows."""
+    speculation_quantile: float = 0.9
+    """Speculation starts once this share of the blocks is done."""
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -112,6 +132,55 @@ class SchedulerConfig:
             raise ValueError(f"max_block_attempts must be >= 1, got {self.max_block_attempts}")
         if not self.start_timeout_s > 0:  # written this way so that NaN is refused too
             raise ValueError(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if not self.speculation_multiplier >= 1:
+            raise ValueError(f"speculation_multiplier must be >= 1, got {self.speculation_multiplier}")
+        if not 0 <= self.speculation_quantile <= 1:
+            raise ValueError(f"speculation_quantile must be in [0, 1], got {self.speculation_quantile}")
+
+
+@dataclass
+class SpeculationStats:
+    """What speculation did: copies started, copies that finished first, and the seconds of
+    worker time spent on the losing copies (until the winner finished)."""
+
+    speculated: int = 0
+    won: int = 0
+    wasted_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A running block, as the speculation policy sees it."""
+
+    block: int
+    rows: int
+    started: float  # when its worker reported BlockStarted
+    worker_rate: float | None  # its worker's measured rows/s (None: none finished yet)
+
+
+def pick_speculation(
+    running: Sequence[Running], now: float, idle_rate: float | None, per_row_s: float, multiplier: float
+) -> int | None:
+    """The block an idle worker (measured at `idle_rate` rows/s) should copy, or None: a slow
+    one (its worker needs over `multiplier` times the typical `per_row_s` for its rows, by its
+    rate or by the time it has already run) whose copy is expected to end first; of several,
+    the one expected to end last (a block overdue by its worker's rate may be stuck: last of all)."""
+    best: tuple[float, int] | None = None
+    copy_rate = idle_rate or 1.0 / per_row_s
+    for r in running:
+        typical = r.rows * per_row_s
+        expected = r.rows / r.worker_rate if r.worker_rate else typical
+        late = now - r.started > multiplier * typical
+        if not (late or expected > multiplier * typical):
+            continue
+        end = r.started + expected
+        if end <= now:  # overdue: when it ends is unknown
+            end = math.inf
+        if now + r.rows / copy_rate >= end:
+            continue
+        if best is None or end > best[0]:
+            best = (end, r.block)
+    return None if best is None else best[1]
 
 
 def _job_failed(message: str, traceback: str = "") -> ErrorInfo:
@@ -138,8 +207,13 @@ class Scheduler:
 
     __slots__ = (
         "_attempts",
+        "_began_at",
         "_begun",
+        "_busy",
+        "_clock",
         "_config",
+        "_copies",
+        "_copying",
         "_done",
         "_done_rows",
         "_error",
@@ -147,9 +221,11 @@ class Scheduler:
         "_order",
         "_owner",
         "_pending",
+        "_per_row",
         "_prefetch",
         "_queues",
         "_rows",
+        "_spec",
         "_started",
         "_steal_heap",
         "_stealing",
@@ -204,6 +280,15 @@ class Scheduler:
         self._begun = False
         self._finished = False
         self._error: ErrorInfo | None = None
+        # speculation's books: when each owner's block started, each worker's rows and busy
+        # seconds, the per-row seconds of finished blocks, and the copies running
+        self._clock = now
+        self._began_at: dict[int, float] = {}
+        self._busy: dict[int, list[float]] = {}
+        self._per_row: list[float] = []
+        self._copies: dict[int, tuple[int, float]] = {}  # block -> (copy's worker, its start)
+        self._copying: dict[int, int] = {}  # worker -> the block it copies
+        self._spec = SpeculationStats()
 
     # --- views ------------------------------------------------------------------------
 
@@ -270,6 +355,15 @@ class Scheduler:
         """How often the block was lost with a worker or failed."""
         return self._attempts.get(block, 0)
 
+    @property
+    def speculation_stats(self) -> SpeculationStats:
+        return self._spec
+
+    def worker_rate(self, worker: int) -> float | None:
+        """A worker's measured rows/s over the blocks it finished (None: none yet)."""
+        rows, seconds = self._busy.get(worker, (0.0, 0.0))
+        return rows / seconds if rows and seconds > 0 else None
+
     # --- driving ----------------------------------------------------------------------
 
     def start(self, now: float) -> list[Action]:
@@ -292,12 +386,14 @@ class Scheduler:
             if self._finished:
                 return actions
             return actions + self.handle(event, now)
+        self._clock = now
         # Ordered by how often they arrive.
         if isinstance(event, BlockDone):
             return self._on_block_done(event.worker, event.block)
         if isinstance(event, BlockStarted):
             if self._owner.get(event.block) == event.worker:
                 self._started.add(event.block)
+                self._began_at[event.block] = now
             # Otherwise the block was stolen or reassigned from this worker: ignore.
             return []
         if isinstance(event, WorkerReady):
@@ -327,12 +423,33 @@ class Scheduler:
                 queue.remove(block)
             del self._owner[block]
             self._started.discard(block)
+            self._timed(worker, block, self._began_at.pop(block, None))
+            copy = self._copies.pop(block, None)
+            if copy is not None:  # the original won: its copy is cancelled
+                self._copying.pop(copy[0], None)
+                self._spec.wasted_s += self._clock - copy[1]
+                actions.append(Cancel(copy[0], block))
             self._mark_done(block)
             if len(self._done) == len(self._rows):
                 return self._finish(None)
             self._refill(worker, actions)
+            if copy is not None and self._sup.is_ready(copy[0]):
+                self._refill(copy[0], actions)
             return actions
+        copy = self._copies.get(block)
+        if copy is not None and copy[0] == worker:  # a copy ended first (or, done, a late one)
+            del self._copies[block]
+            del self._copying[worker]
+            if block not in self._done:
+                self._spec.won += 1
+                self._timed(worker, block, copy[1])
+                began = self._began_at.pop(block, None)
+                self._spec.wasted_s += 0.0 if began is None else self._clock - began
+                if owner is not None and block in self._started:  # the slow original: cancelled
+                    actions.append(Cancel(owner, block))  # (not started: cancelled below)
         if block not in self._rows or block in self._done:
+            if copy is not None and copy[0] == worker and self._sup.is_ready(worker):
+                self._refill(worker, actions)  # a cancelled copy ran to its end: idle again
             return actions  # duplicate or unknown: the output is already there
         # A non-owner finished it (it started the block before a Cancel reached it, or it
         # was lost and its late message arrived): the work is real, so take it.
@@ -378,6 +495,7 @@ class Scheduler:
         self._queues[worker].remove(block)
         del self._owner[block]
         self._started.discard(block)
+        self._began_at.pop(block, None)
         attempts = self._attempts.get(block, 0) + 1
         self._attempts[block] = attempts
         if attempts >= self._config.max_block_attempts:
@@ -428,6 +546,40 @@ class Scheduler:
                 room -= 1
         if not queue and self._stealing:
             self._steal(worker, actions)
+        if not queue and self._config.speculation and not pending:
+            self._speculate(worker, actions)
+
+    def _timed(self, worker: int, block: int, began: float | None) -> None:
+        """A finished block's time: its worker's rate and the typical per-row time."""
+        rows = self._rows[block]
+        if began is None or not rows or not self._config.speculation:
+            return
+        seconds = max(0.0, self._clock - began)
+        books = self._busy.setdefault(worker, [0.0, 0.0])
+        books[0] += rows
+        books[1] += seconds
+        self._per_row.append(seconds / rows)
+
+    def _speculate(self, worker: int, actions: list[Action]) -> None:
+        """Give an idle worker a copy of a slow running block (see `pick_speculation`)."""
+        config = self._config
+        if (worker in self._copying or not self._per_row
+                or len(self._done) < config.speculation_quantile * len(self._rows)):  # fmt: skip
+            return
+        running = [
+            Running(block, self._rows[block], began, self.worker_rate(owner))
+            for block, began in self._began_at.items()
+            if block not in self._copies and (owner := self._owner.get(block)) is not None and owner != worker
+        ]
+        per_row = statistics.median(self._per_row)
+        block = pick_speculation(running, self._clock, self.worker_rate(worker), per_row,
+                                 config.speculation_multiplier)  # fmt: skip
+        if block is None:
+            return
+        self._copies[block] = (worker, self._clock)
+        self._copying[worker] = block
+        self._spec.speculated += 1
+        actions.append(Assign(worker, block))
 
     def _stealable(self, queue: deque[int]) -> int:
         """Rows of the queue's not-started blocks; -1 when there are none, so that a queue of
@@ -558,10 +710,14 @@ class Scheduler:
         queue = self._queues.pop(worker, None)
         if queue is None:
             return None
+        copied = self._copying.pop(worker, None)
+        if copied is not None:
+            self._copies.pop(copied, None)  # the original still runs
         max_attempts = self._config.max_block_attempts
         poison: int | None = None
         for index, block in enumerate(queue):
             del self._owner[block]
+            self._began_at.pop(block, None)
             # The head counts even without BlockStarted: the report may have died with it.
             if index == 0 or block in self._started:
                 self._started.discard(block)

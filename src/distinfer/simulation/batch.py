@@ -16,10 +16,11 @@ instead of the heap (the common case with no latency, and the fast one).
 * Worker (`_workers.py`): runs its local queue in order, one block at a time; reports
   `BlockStarted` when it begins one and `BlockDone` when it ends; a `Cancel` takes a block
   out of its local queue unless it is running (then both copies may finish: the first wins).
-* Speculation (`JobSpec.speculate`, a what-if: `distinfer run` does not speculate): when the
-  scheduler leaves a worker with nothing (nothing pending, nothing to steal), the driver
-  sends it a copy of the running block that would end last, when the copy would end sooner
-  (the simulator knows the true end: the best a speculating driver could do). The copy's
+* Speculation (`JobSpec.speculate`, an oracle's what-if; `distinfer run` uses the scheduler's
+  own policy from measured rates, scheduler.py, not simulated here): when the scheduler
+  leaves a worker with nothing (nothing pending, nothing to steal), the driver sends it a
+  copy of the running block that would end last, when the copy would end sooner (the
+  simulator knows the true end: the best a speculating driver could do). The copy's
   `BlockDone` goes to the scheduler like any other; the scheduler takes the first.
 
 Not simulated: the data (block descriptors only), the driver's own CPU, contention between

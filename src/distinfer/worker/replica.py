@@ -46,6 +46,20 @@ __all__ = ["GenerationFailed", "Replica", "error_info", "limit_threads"]
 
 _WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3
 
+#: A test hook: "W:F" makes worker W run its blocks F times slower (it sleeps F - 1 times each
+#: block's time before writing it), for the tests and benchmarks of speculation.
+SLOW_WORKER_ENV = "DISTINFER_TEST_SLOW_WORKER"
+
+
+def _slowdown(worker: int) -> float:
+    """The test hook's factor for this worker (1: none)."""
+    setting = os.environ.get(SLOW_WORKER_ENV, "")
+    who, _, factor = setting.partition(":")
+    try:
+        return max(1.0, float(factor)) if who and int(who) == worker else 1.0
+    except ValueError:
+        return 1.0
+
 
 def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
     """Read a block's bound columns once each, keyed by the model input they feed."""
@@ -77,6 +91,7 @@ class Replica:
         self._lock = threading.Lock()
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at
+        self.slowdown = _slowdown(worker)
 
     def ready_message(self) -> WorkerReady:
         text = self.text
@@ -184,6 +199,8 @@ class Replica:
                 generation: GenerationStats | None, rows: np.ndarray | None = None,
                 bad: Sequence[BadRow] = ()) -> BlockDone:
         """Write the block's part (its rows `rows`, all of them by default) and its bad rows."""
+        if self.slowdown > 1:  # the test hook: this worker runs slower
+            time.sleep((self.slowdown - 1) * sum(v for k, v in timer.seconds.items() if k != "idle"))
         t = time.perf_counter()
         if rows is None:
             rows = np.arange(block.start, block.stop, dtype=np.int64)
