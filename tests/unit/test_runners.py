@@ -70,7 +70,7 @@ def test_parse_model_kinds(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.pt"))
     assert parse_model(str(tmp_path / "m.pt")).kind == "torch"
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(ModelError, match="not a TorchScript or torch.export archive"):
+    with pytest.raises(ModelError, match=r"not a TorchScript or torch\.export archive"):
         parse_model(str(tmp_path / "empty.pt"))
 
 

@@ -199,8 +199,10 @@ class Replica:
                 generation: GenerationStats | None, rows: np.ndarray | None = None,
                 bad: Sequence[BadRow] = ()) -> BlockDone:
         """Write the block's part (its rows `rows`, all of them by default) and its bad rows."""
-        if self.slowdown > 1:  # the test hook: this worker runs slower
-            time.sleep((self.slowdown - 1) * sum(v for k, v in timer.seconds.items() if k != "idle"))
+        if self.slowdown > 1:  # the test hook: this worker's model runs slower
+            pause = (self.slowdown - 1) * sum(v for k, v in timer.seconds.items() if k != "idle")
+            time.sleep(pause)
+            timer.seconds["model"] = timer.seconds.get("model", 0.0) + pause
         t = time.perf_counter()
         if rows is None:
             rows = np.arange(block.start, block.stop, dtype=np.int64)
