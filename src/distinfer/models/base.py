@@ -20,8 +20,8 @@ from ..errors import ModelInputError, RowsError
 from ..messages import GenerationStats, GroupStats, TensorInfo
 
 __all__ = [
-    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "concat_columns",
-    "prepare_block", "rows_in_batch", "run_block",
+    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "batch_rows",
+    "concat_columns", "prepare_block", "rows_in_batch", "run_block",
 ]  # fmt: skip
 
 Column = list[str] | np.ndarray
@@ -172,7 +172,7 @@ def run_block(
     except RowsError as exc:
         if exc.rows or exc.batch is None or not 0 <= exc.batch < len(prepared.batches):
             raise
-        rows = _batch_rows(prepared, exc.batch)
+        rows = batch_rows(prepared, exc.batch)
         if exc.row is not None and 0 <= exc.row < len(rows):
             rows = rows[exc.row : exc.row + 1]
         raise exc.with_message(exc.error.message, rows) from exc
@@ -188,7 +188,7 @@ def run_block(
     return outputs
 
 
-def _batch_rows(prepared: Batches, index: int) -> tuple[int, ...]:
+def batch_rows(prepared: Batches, index: int) -> tuple[int, ...]:
     """The block rows of batch `index`: a batch's rows are its first axis (of its first array)."""
     start = sum(rows_in_batch(b) for b in prepared.batches[:index])
     stop = start + rows_in_batch(prepared.batches[index])

@@ -27,7 +27,7 @@ from ..data.blocks import Block
 from ..data.sources import SourceSpec, raw_row, read_block
 from ..errors import ErrorInfo, InputError, ModelInputError, RowsError
 from ..messages import BadRow
-from ..models.base import Batches, Column, Runner, StageTimer, prepare_block, rows_in_batch, run_block
+from ..models.base import Batches, Column, Runner, StageTimer, batch_rows, prepare_block, run_block
 
 __all__ = [
     "VALUE_CHARS", "Isolated", "Isolator", "TooManyBadRows", "quarantinable", "read_isolating", "row_value",
@@ -104,12 +104,6 @@ def _take(inputs: Mapping[str, Column], rows: Sequence[int]) -> dict[str, Column
             for name, col in inputs.items()}  # fmt: skip
 
 
-def _batch_rows(prepared: Batches, sizes: list[int], index: int) -> list[int]:
-    start = sum(sizes[:index])
-    rows = range(start, start + sizes[index])
-    return [int(prepared.order[r]) for r in rows] if prepared.order is not None else list(rows)
-
-
 class Isolator:
     """Finds the bad rows among `inputs`: `prepare` (the preparer's), `run` (the forward's)."""
 
@@ -144,8 +138,8 @@ class Isolator:
         prepared, kept = self.prepare(rows)
         if prepared is None:
             return
-        sizes = [rows_in_batch(b) for b in prepared.batches]
-        groups = [[i] for i in range(len(sizes))] if each else [list(range(len(sizes)))]
+        count = len(prepared.batches)
+        groups = [[i] for i in range(count)] if each else [list(range(count))]
         for group in groups:
             try:
                 results = self.runner.forward_many([prepared.batches[i] for i in group])
@@ -154,12 +148,12 @@ class Isolator:
                     raise
                 if len(group) > 1:  # each batch on its own, to know which ones fail
                     for i in group:
-                        self.run([kept[r] for r in _batch_rows(prepared, sizes, i)], each=True)
+                        self.run([kept[r] for r in batch_rows(prepared, i)], each=True)
                     continue
-                self._split([kept[r] for r in _batch_rows(prepared, sizes, group[0])], exc)
+                self._split([kept[r] for r in batch_rows(prepared, group[0])], exc)
                 continue
             for i, result in zip(group, results, strict=True):
-                self.pieces.append(([kept[r] for r in _batch_rows(prepared, sizes, i)], result))
+                self.pieces.append(([kept[r] for r in batch_rows(prepared, i)], result))
 
     def _split(self, rows: list[int], exc: RowsError) -> None:
         """A batch of `rows` failed with `exc`: the row it names is bad, else halve it."""
@@ -191,11 +185,11 @@ def run_isolating(
             raise
     isolator = Isolator(runner, inputs, batch_size, limit)
     isolator.run(list(range(rows)), each=True)
+    bad = sorted(isolator.bad, key=lambda b: b[0])
     if not isolator.pieces:
-        return Isolated({}, np.zeros(0, dtype=np.int64), sorted(isolator.bad, key=lambda b: b[0]))
+        return Isolated({}, np.zeros(0, dtype=np.int64), bad)
     order = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in isolator.pieces])
-    names = isolator.pieces[0][1]
-    outputs = {name: np.concatenate([p[name] for _, p in isolator.pieces]) for name in names}
     sort = np.argsort(order, kind="stable")
-    return Isolated({n: v[sort] for n, v in outputs.items()}, order[sort],
-                    sorted(isolator.bad, key=lambda b: b[0]))
+    names = isolator.pieces[0][1]
+    outputs = {name: np.concatenate([p[name] for _, p in isolator.pieces])[sort] for name in names}
+    return Isolated(outputs, order[sort], bad)
