@@ -142,12 +142,12 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
         source = open_source(req.input, req.input_format)
         if source.num_rows == 0:
             raise ModelError(f"{req.input}: no rows to profile the model on")
-        from ..worker.tensor import TensorParallelRunner
+        group = None
+        if ranks > 1:  # imported only here: a lone worker's start-up does not pay for it
+            from ..worker.tensor import TensorParallelRunner
 
-        if ranks > 1:
-            runner: Runner = TensorParallelRunner(spec, ranks, threads)
-        else:
-            runner = load_runner(spec, threads)
+            group = TensorParallelRunner(spec, ranks, threads)
+        runner: Runner = group or load_runner(spec, threads)
         binding = runner.bind(source.columns, req.column)
         tokens: list[float] = []  # generation: the mean tokens generated per row, each pass
 
@@ -192,8 +192,8 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
                     passes += 1
                 timed[b] = passes * rows / (time.perf_counter() - start)
             rates = [(b, timed[b if b in timed else min(b, rows)]) for b in req.batch_sizes]
-        if isinstance(runner, TensorParallelRunner):
-            runner.close()  # its rank processes end before this one answers
+        if group is not None:
+            group.close()  # its rank processes end before this one answers
         conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0))
     except BaseException as exc:  # reported to the parent, which raises it with its message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
