@@ -3,9 +3,13 @@
 Each worker has its own duplex pipe; the driver waits on all pipes and all process
 sentinels at once, so a worker killed mid-job (even mid-message) is noticed at once and
 only its own pipe is lost. A worker drains its pipe before each block, so a `Cancel`
-for a queued block lands before the block starts. A generation worker drains it between
-engine steps, and starts its next queued block as soon as its engine has room, while the
-current one still runs (continuous batching across blocks).
+for a queued block lands before the block starts. A `Cancel` for the block a worker is
+running also sets the worker's shared cancel slot, which the worker reads between
+micro-batches: a losing speculative copy stops there and writes nothing. A worker told to
+stop (the job is done, or it is being replaced) drops its running block the same way.
+A generation worker drains its pipe between engine steps, and starts its next queued block
+as soon as its engine has room, while the current one still runs (continuous batching
+across blocks).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Any
 
 from ..logs import log_to_stderr
@@ -48,6 +53,7 @@ __all__ = ["LocalBackend"]
 
 
 _PARENT_POLL_S = 1.0  # how often a worker checks that its driver is still there
+_NONE, _ANY = -1, -2  # a cancel slot's values besides a block id: nothing; whatever runs
 
 
 def _exit_with_parent() -> None:
@@ -65,18 +71,26 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="distinfer-parent-watch", daemon=True).start()
 
 
-def _worker_main(worker: int, spec: WorkerSpec, conn: Connection) -> None:
+def _worker_main(worker: int, spec: WorkerSpec, conn: Connection, slot: Synchronized[int]) -> None:
     entered = time.perf_counter()
     _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     log_to_stderr(logging.WARNING)  # a worker's last words (a group lost) reach its stderr
     try:
-        _serve(worker, spec, conn, entered)
+        _serve(worker, spec, conn, entered, slot)
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the driver stopped or went away: nothing left to report to
 
 
-def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> None:
+def _clear(slot: Synchronized[int], block: int) -> None:
+    """Forget a cancellation once it is dealt with (the block may come back: a thief lost)."""
+    with slot.get_lock():
+        if slot.value == block:
+            slot.value = _NONE
+
+
+def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float, slot: Synchronized[int]) -> None:
+    from ..models.base import BlockCancelled
     from ..worker.process import limit_threads
     from ..worker.replica import Replica, error_info
 
@@ -86,6 +100,7 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
     except Exception as exc:
         conn.send(WorkerFailed(worker, error_info(exc)))
         return
+    replica.cancelled = lambda block: slot.value in (block, _ANY)
     conn.send(replica.ready_message())
     if replica.text is not None:
         _serve_text(replica.text, conn)
@@ -104,8 +119,9 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
                 conn.send(replica.infer(message))
             elif isinstance(message, RunBlock):
                 queue.append(message)
-            elif isinstance(message, Cancel):
+            elif isinstance(message, Cancel):  # between blocks: a queued (or finished) one
                 queue = deque(m for m in queue if m.block.id != message.block)
+                _clear(slot, message.block)
         if replica.streams:
             _stream(worker, replica, queue, conn, waited)
             continue
@@ -113,6 +129,8 @@ def _serve(worker: int, spec: WorkerSpec, conn: Connection, entered: float) -> N
         conn.send(BlockStarted(worker, block.id))
         try:
             conn.send(replica.run(block, waited))
+        except BlockCancelled:
+            _clear(slot, block.id)  # the other copy's BlockDone is the block's
         except Exception as exc:
             conn.send(BlockFailed(worker, block.id, error_info(exc)))
 
@@ -159,12 +177,14 @@ class LocalBackend(Backend):
         self._ctx = mp.get_context("spawn")
         self._procs: dict[int, BaseProcess] = {}
         self._conns: dict[int, Connection] = {}
+        self._slots: dict[int, Synchronized[int]] = {}  # worker -> the block to cancel
         self._stopping: list[BaseProcess] = []  # told to stop, not yet joined
 
     def start(self, worker: int) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
+        slot = self._ctx.Value("q", _NONE)
         proc = self._ctx.Process(
-            target=_worker_main, args=(worker, self.spec, child), name=f"distinfer-worker-{worker}",
+            target=_worker_main, args=(worker, self.spec, child, slot), name=f"distinfer-worker-{worker}",
             # A pipeline or tensor-parallel worker starts its stage or rank processes itself,
             # which a daemon may not do; it still ends with the driver (EOF on its pipe) and
             # close() kills it if need be.
@@ -174,6 +194,7 @@ class LocalBackend(Backend):
         child.close()
         self._procs[worker] = proc
         self._conns[worker] = parent
+        self._slots[worker] = slot
 
     def pid(self, worker: int) -> int | None:
         proc = self._procs.get(worker)
@@ -183,6 +204,9 @@ class LocalBackend(Backend):
         conn = self._conns.get(worker)
         if conn is None:
             return
+        if isinstance(message, Cancel):  # read mid-block; the message clears it between blocks
+            with self._slots[worker].get_lock():
+                self._slots[worker].value = message.block
         try:
             conn.send(message)
         except (BrokenPipeError, ConnectionResetError, OSError):
@@ -237,11 +261,13 @@ class LocalBackend(Backend):
         conn = self._conns.pop(worker)
         conn.close()
         self._procs.pop(worker)
+        self._slots.pop(worker, None)
 
     def stop(self, worker: int) -> None:
         conn = self._conns.get(worker)
         if conn is None:
             return
+        self._slots.pop(worker).value = _ANY  # a block still running is nobody's now
         with contextlib.suppress(OSError):
             conn.send(StopWorker(worker))
         self._stopping.append(self._procs.pop(worker))

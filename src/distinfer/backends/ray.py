@@ -6,7 +6,7 @@ scheduler: a `RunBlock` becomes an actor call `run(block)`; the call's result (o
 actor's death) becomes the event. Actor calls run one at a time in submission order, so the
 calls queued behind the running one are the worker's prefetch. A `Cancel` goes to a
 separate concurrency group, so it overtakes the queued calls; the cancelled call then
-returns at once without work.
+returns at once without work, and a running one stops at its next micro-batch.
 
 Ray's own actor restarts are off on purpose: the scheduler starts replacement workers
 (bounded by --max-restarts) and re-assigns the lost blocks, the same as with local
@@ -106,6 +106,7 @@ class ReplicaActor:
         members = tuple(getattr(self.replica.runner, "hosts", ()))
         if members:  # stage 0 / rank 0 is this actor
             members = (f"{socket.gethostname()} pid {os.getpid()} node {node}", *members[1:])
+        self.replica.cancelled = self.cancelled.__contains__  # read between micro-batches
         ready: WorkerReady = self.replica.ready_message()
         if self.replica.text is not None:
             threading.Thread(target=self._engine_loop, name="distinfer-engine", daemon=True).start()
@@ -154,6 +155,7 @@ class ReplicaActor:
         return self.replica.infer(message)  # type: ignore[no-any-return]
 
     def run(self, block: Block) -> WorkerMessage | None:
+        from ..models.base import BlockCancelled
         from ..worker.replica import error_info
 
         if block.id in self.cancelled:
@@ -162,9 +164,12 @@ class ReplicaActor:
         waited = time.perf_counter() - self.last_end
         try:
             return self.replica.run(block, waited)  # type: ignore[no-any-return]
+        except BlockCancelled:  # mid-block: the other copy's BlockDone is the block's
+            return None
         except Exception as exc:
             return BlockFailed(self.worker, block.id, error_info(exc))
         finally:
+            self.cancelled.discard(block.id)  # dealt with: the block may come back (a thief lost)
             self.last_end = time.perf_counter()
 
 

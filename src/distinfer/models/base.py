@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,21 @@ from ..errors import ModelInputError, RowsError
 from ..messages import GenerationStats, GroupStats, TensorInfo
 
 __all__ = [
-    "Batches", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "batch_rows",
+    "Batches", "BlockCancelled", "Column", "GroupStats", "Runner", "StageTimer", "TensorInfo", "batch_rows",
     "concat_columns", "prepare_block", "rows_in_batch", "run_block",
 ]  # fmt: skip
 
 Column = list[str] | np.ndarray
+
+
+class BlockCancelled(Exception):
+    """The block being computed was cancelled (another copy of it committed, or it was
+    stolen): raised between micro-batches, before anything of it is written."""
+
+
+def never() -> bool:
+    """The default `cancelled` check: a block runs to its end."""
+    return False
 
 
 def concat_columns(parts: Sequence[Mapping[str, Column]]) -> dict[str, Column]:
@@ -104,14 +114,20 @@ class Runner(ABC):
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         """Run one batch; every output has the batch's rows as its first axis."""
 
-    def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+    def forward_many(
+        self, batches: list[Any], cancelled: Callable[[], bool] = never
+    ) -> list[dict[str, np.ndarray]]:
         """Run a block's batches; a pipeline overrides this to keep every stage busy.
+        `cancelled()` is asked before each batch: True raises `BlockCancelled` (a pipeline or
+        tensor-parallel group, whose processes work in step, finishes the block instead).
 
         A batch that raises ends the call with a `RowsError` naming its index (`batch`), the
         error inside kept as it was (kind, fatality); a replica group raises it only once all
         its processes are done with the call, in step for the next one."""
         results = []
         for i, batch in enumerate(batches):
+            if cancelled():
+                raise BlockCancelled
             try:
                 results.append(self.forward(batch))
             except Exception as exc:
@@ -157,7 +173,8 @@ def prepare_block(runner: Runner, inputs: Mapping[str, Column], batch_size: int)
 
 
 def run_block(
-    runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer
+    runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer,
+    cancelled: Callable[[], bool] = never,
 ) -> dict[str, np.ndarray]:
     """Prepare, run and reassemble one block; results are in the block's row order.
 
@@ -168,7 +185,7 @@ def run_block(
     prepared = prepare_block(runner, inputs, batch_size)
     t = timer.add("preprocess", t)
     try:
-        pieces = runner.forward_many(prepared.batches)
+        pieces = runner.forward_many(prepared.batches, cancelled)
     except RowsError as exc:
         if exc.rows or exc.batch is None or not 0 <= exc.batch < len(prepared.batches):
             raise

@@ -32,14 +32,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ..errors import RowsError
 from ..logs import log, log_to_stderr
-from ..models.base import Batches, Column, GroupStats, Runner
+from ..models.base import Batches, Column, GroupStats, Runner, never
 from ..models.profile import tensor_bytes
 from ..models.staged import StagedModel
 from .process import host_label, peak_rss
@@ -83,7 +83,9 @@ class PipelineRunner(Runner):
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         return self.forward_many([batch])[0]
 
-    def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+    def forward_many(
+        self, batches: list[Any], cancelled: Callable[[], bool] = never
+    ) -> list[dict[str, np.ndarray]]:
         """Stream every micro-batch through the stages; results come back in `batches`' order.
 
         The pipeline fills with the first micro-batch (only stage 0 works) and drains with

@@ -18,7 +18,7 @@ raises its first bad row's error, which fails the job as without an allowance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from ..data.blocks import Block
 from ..data.sources import SourceSpec, raw_row, read_block
 from ..errors import ErrorInfo, InputError, ModelInputError, RowsError
 from ..messages import BadRow
-from ..models.base import Batches, Column, Runner, StageTimer, batch_rows, prepare_block, run_block
+from ..models.base import Batches, Column, Runner, StageTimer, batch_rows, never, prepare_block, run_block
 
 __all__ = [
     "VALUE_CHARS", "Isolated", "Isolator", "TooManyBadRows", "quarantinable", "read_isolating", "row_value",
@@ -107,8 +107,10 @@ def _take(inputs: Mapping[str, Column], rows: Sequence[int]) -> dict[str, Column
 class Isolator:
     """Finds the bad rows among `inputs`: `prepare` (the preparer's), `run` (the forward's)."""
 
-    def __init__(self, runner: Runner, inputs: Mapping[str, Column], batch_size: int, limit: int) -> None:
+    def __init__(self, runner: Runner, inputs: Mapping[str, Column], batch_size: int, limit: int,
+                 cancelled: Callable[[], bool] = never) -> None:
         self.runner, self.inputs, self.batch_size, self.limit = runner, inputs, batch_size, limit
+        self.cancelled = cancelled
         self.pieces: list[tuple[list[int], dict[str, np.ndarray]]] = []
         self.bad: list[tuple[int, str, ErrorInfo]] = []
 
@@ -142,7 +144,7 @@ class Isolator:
         groups = [[i] for i in range(count)] if each else [list(range(count))]
         for group in groups:
             try:
-                results = self.runner.forward_many([prepared.batches[i] for i in group])
+                results = self.runner.forward_many([prepared.batches[i] for i in group], self.cancelled)
             except RowsError as exc:
                 if not quarantinable(exc.error):
                     raise
@@ -171,19 +173,20 @@ class Isolator:
 
 
 def run_isolating(
-    runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer, limit: int
+    runner: Runner, inputs: Mapping[str, Column], batch_size: int, timer: StageTimer, limit: int,
+    cancelled: Callable[[], bool] = never,
 ) -> Isolated:
     """`run_block`, isolating bad rows (see the module docstring): the fast path first, then,
     when a row fails, preparation without the rows the preparer names and every batch on its
     own. More than `limit` bad rows raises the error of the one over the limit."""
     rows = len(next(iter(inputs.values()))) if inputs else 0
     try:
-        outputs = run_block(runner, inputs, batch_size, timer)
+        outputs = run_block(runner, inputs, batch_size, timer, cancelled)
         return Isolated(outputs, np.arange(rows), [])
     except RowsError as exc:
         if not quarantinable(exc.error) or limit <= 0:
             raise
-    isolator = Isolator(runner, inputs, batch_size, limit)
+    isolator = Isolator(runner, inputs, batch_size, limit, cancelled)
     isolator.run(list(range(rows)), each=True)
     bad = sorted(isolator.bad, key=lambda b: b[0])
     if not isolator.pieces:

@@ -12,8 +12,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,7 +34,16 @@ from ..messages import (
     WorkerReady,
     WorkerSpec,
 )
-from ..models.base import Column, Runner, StageTimer, TensorInfo, prepare_block, run_block
+from ..models.base import (
+    BlockCancelled,
+    Column,
+    Runner,
+    StageTimer,
+    TensorInfo,
+    never,
+    prepare_block,
+    run_block,
+)
 from ..models.families import load_runner
 from .process import limit_threads
 from .quarantine import Isolator, TooManyBadRows, read_isolating, row_value, run_isolating
@@ -59,6 +69,15 @@ def _slowdown(worker: int) -> float:
         return max(1.0, float(factor)) if who and int(who) == worker else 1.0
     except ValueError:
         return 1.0
+
+
+def _pause(seconds: float, cancelled: Callable[[], bool]) -> None:
+    """The slow-worker hook's sleep, cut short (`BlockCancelled`) like a model's batches."""
+    end = time.perf_counter() + seconds
+    while (left := end - time.perf_counter()) > 0:
+        if cancelled():
+            raise BlockCancelled
+        time.sleep(min(left, 0.02))
 
 
 def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) -> dict[str, Column]:
@@ -92,6 +111,9 @@ class Replica:
         self.ready_at = time.perf_counter()
         self.load_s = self.ready_at - entered_at
         self.slowdown = _slowdown(worker)
+        #: whether a block was cancelled while it runs (set by the backend that hears of it):
+        #: a batch job's replica asks between micro-batches and stops with `BlockCancelled`
+        self.cancelled: Callable[[int], bool] = lambda block: False
 
     def ready_message(self) -> WorkerReady:
         text = self.text
@@ -156,10 +178,12 @@ class Replica:
     def run(self, block: Block, waited_s: float = 0.0) -> BlockDone:
         """One block, read, run and written. A generation replica may be given the next block
         on another thread while one runs (a Ray actor's second call): both share its engine.
-        With a bad-row allowance the block's bad rows are set aside (worker/quarantine.py)."""
+        With a bad-row allowance the block's bad rows are set aside (worker/quarantine.py).
+        A block cancelled while it runs raises `BlockCancelled` and writes nothing."""
         if self.streams:
             return self._run_shared(block, waited_s)
         timer = StageTimer({"idle": waited_s})
+        cancelled = partial(self.cancelled, block.id)
         t = time.perf_counter()
         source = self.spec.source
         assert source is not None, "a serving replica runs no blocks"
@@ -169,15 +193,16 @@ class Replica:
                 t = timer.add("read", t)
                 with rows_named(source, block, kept):
                     isolated = run_isolating(self.runner, inputs, self.spec.batch_size, timer,
-                                             self.spec.max_bad_rows - len(bad))
+                                             self.spec.max_bad_rows - len(bad), cancelled)
             bad += self._bad_rows(source, block, kept, inputs, isolated.bad)
             rows = kept[isolated.rows] if len(kept) else kept
-            return self._commit(block, isolated.outputs, timer, self.runner.generation_stats(), rows, bad)
+            return self._commit(block, isolated.outputs, timer, self.runner.generation_stats(), rows, bad,
+                                cancelled)
         inputs = read_inputs(source, block, self.binding)
         t = timer.add("read", t)
         with rows_named(source, block):
-            outputs = run_block(self.runner, inputs, self.spec.batch_size, timer)
-        return self._commit(block, outputs, timer, self.runner.generation_stats())
+            outputs = run_block(self.runner, inputs, self.spec.batch_size, timer, cancelled)
+        return self._commit(block, outputs, timer, self.runner.generation_stats(), cancelled=cancelled)
 
     def _read_quarantined(self, block: Block) -> tuple[np.ndarray, dict[str, Column], list[BadRow]]:
         """The block's readable rows (absolute), their inputs, and the unreadable rows."""
@@ -197,12 +222,14 @@ class Replica:
 
     def _commit(self, block: Block, outputs: Mapping[str, np.ndarray], timer: StageTimer,
                 generation: GenerationStats | None, rows: np.ndarray | None = None,
-                bad: Sequence[BadRow] = ()) -> BlockDone:
+                bad: Sequence[BadRow] = (), cancelled: Callable[[], bool] = never) -> BlockDone:
         """Write the block's part (its rows `rows`, all of them by default) and its bad rows."""
         if self.slowdown > 1:  # the test hook: this worker's model runs slower
             pause = (self.slowdown - 1) * sum(v for k, v in timer.seconds.items() if k != "idle")
-            time.sleep(pause)
+            _pause(pause, cancelled)
             timer.seconds["model"] = timer.seconds.get("model", 0.0) + pause
+        if cancelled():
+            raise BlockCancelled
         t = time.perf_counter()
         if rows is None:
             rows = np.arange(block.start, block.stop, dtype=np.int64)

@@ -46,7 +46,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TypeAlias
 
 import numpy as np
@@ -54,7 +54,7 @@ import torch
 
 from ..errors import ErrorInfo, ModelError, RowsError
 from ..logs import log, log_to_stderr
-from ..models.base import Batches, Column, GroupStats, Runner
+from ..models.base import Batches, Column, GroupStats, Runner, never
 from ..models.family import ModelSpec, ShardedForm
 from .collectives import CHUNK_BYTES, GroupLost, make_comm
 from .process import host_label, limit_threads, peak_rss
@@ -301,7 +301,9 @@ class TensorParallelRunner(Runner):
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         return self.forward_many([batch])[0]
 
-    def forward_many(self, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+    def forward_many(
+        self, batches: list[Any], cancelled: Callable[[], bool] = never
+    ) -> list[dict[str, np.ndarray]]:
         """Broadcast each micro-batch, run every rank's shards, collect rank 0's outputs."""
         if self._closed:
             raise RuntimeError("the tensor-parallel runner is closed")
