@@ -29,7 +29,7 @@ def test_one_worker_slowed_5x_is_overtaken_at_the_tail(tmp_path: Path, monkeypat
     monkeypatch.setenv("TOY_DELAY_S", "0.1")  # 150 batches of 16: 7.5 s on two workers
     options = dict(model="toy_models:slow_mlp", input=str(path), batch_size=16, block_size=128,
                    threads_per_worker=1, strategy="data")  # fmt: skip
-    two = distinfer.run(**options, workers=2, output=str(tmp_path / "two"))
+    distinfer.run(**options, workers=2, output=str(tmp_path / "two"))  # the reference
     monkeypatch.setenv(SLOW_WORKER_ENV, "2:5")  # worker 2 takes 5x as long per block
     three = distinfer.run(**options, workers=3, output=str(tmp_path / "three"))
     assert three.speculated >= 1 and three.speculation_won >= 1, three.summary()
