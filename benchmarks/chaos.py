@@ -1,8 +1,9 @@
-"""Chaos: a 20,000-row `minilm` job on 2 local workers while a bounded loop kills a random
-worker every few seconds, stops another for a while (SIGSTOP, then SIGCONT) and kills the
-driver once with SIGKILL (then the same command resumes). It reports the kills survived,
-rows lost and duplicated (must be 0), whether the output is identical to a fault-free run's,
-and the time against that run.
+"""Chaos: a 20,000-row `minilm` job on 2 local workers, then on 2 Ray workers (a 2-node Ray
+cluster started here, one CPU per node), while a bounded loop kills a random worker every few
+seconds, stops another for a while (SIGSTOP, then SIGCONT) and kills the driver once with
+SIGKILL (then the same command resumes). It reports the kills survived, rows lost and
+duplicated (must be 0), whether the output is identical to a fault-free run's on the same
+backend, and the time against that run. On Ray a worker is the actor's process on its node.
 
 Then one of the 2 workers is slowed 4x by the test hook (`DISTINFER_TEST_SLOW_WORKER`): the
 job's time with speculation, without it, and the ideal `rows / (sum of the workers' measured
@@ -10,14 +11,13 @@ rates)`, the rates taken from the speculating run's own report. Target: with spe
 within 1.15x of that ideal. Times are the jobs' steady parts (from the first worker ready to
 the end), so that start-up, the same for all, does not blur the ratios.
 
-    .venv/bin/python benchmarks/chaos.py [--rows 20000] [--seed 1] [--json chaos.json]
-
-Not covered here: the same chaos on a Ray cluster (the Ray backend's own tests kill nodes).
+    .venv/bin/python benchmarks/chaos.py [--rows 20000] [--seed 1] [--backends local,ray] [--json chaos.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,16 @@ def corpus(path: Path, rows: int) -> Path:
     return path
 
 
-def command(data: Path, out: Path) -> list[str]:
+def command(data: Path, out: Path, address: str | None) -> list[str]:
+    ray = ["--backend", "ray", "--address", address] if address else []
     return [sys.executable, "-m", "distinfer.cli", "run", "--model", "minilm", "--input", str(data),
             "--output", str(out), "--workers", "2", "--threads-per-worker", "1", "--strategy", "data",
-            "--batch-size", "32", "--block-size", "512", "--max-restarts", "50"]  # fmt: skip
+            "--batch-size", "32", "--block-size", "512", "--max-restarts", "50", *ray]  # fmt: skip
 
 
-def workers_of(driver: int) -> list[int]:
-    """The driver's live worker processes (spawned children), through /proc."""
+def workers_of(driver: int, ray: bool) -> list[int]:
+    """The live worker processes: the driver's spawned children, or (on Ray) the processes of
+    the replica actors, wherever their raylet started them (all on this machine here)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -61,8 +64,12 @@ def workers_of(driver: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        worker = b"spawn_main" in cmdline and b"resource_tracker" not in cmdline
-        if int(stat[1]) == driver and stat[0] != "Z" and worker:
+        if ray:
+            worker = cmdline.startswith(b"ray::") and b"DistinferReplica" in cmdline
+        else:
+            spawned = b"spawn_main" in cmdline and b"resource_tracker" not in cmdline
+            worker = int(stat[1]) == driver and spawned
+        if stat[0] not in "ZT" and worker:
             found.append(int(entry.name))
     return sorted(found)
 
@@ -77,11 +84,12 @@ def steady_s(out: Path) -> float:
     return float(report["wall_s"] - report["startup_s"])
 
 
-def chaos(data: Path, out: Path, rng: random.Random, events: int) -> dict[str, Any]:
+def chaos(data: Path, out: Path, rng: random.Random, events: int, address: str | None) -> dict[str, Any]:
     """The job under `events` chaos events, a few seconds apart: worker kills, worker stops
     (2-4 s), and one driver kill (the job then resumed by the same command)."""
     started = time.monotonic()
-    proc = subprocess.Popen(command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = command(data, out, address)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     kills = stops = driver_kills = 0
     stopped: list[tuple[float, int]] = []
     plan = ["kill", "stop", "kill", "driver", "stop", "kill", "kill", "stop", "kill", "kill"][:events]
@@ -96,7 +104,7 @@ def chaos(data: Path, out: Path, rng: random.Random, events: int) -> dict[str, A
                 raise SystemExit(f"the chaos job failed: {proc.stderr.read() if proc.stderr else ''}")
             break
         if plan and now >= next_at:
-            workers = workers_of(proc.pid)
+            workers = workers_of(proc.pid, address is not None)
             if workers:
                 what = plan.pop(0)
                 if what == "kill":
@@ -114,8 +122,7 @@ def chaos(data: Path, out: Path, rng: random.Random, events: int) -> dict[str, A
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     driver_kills += 1
-                    proc = subprocess.Popen(command(data, out), stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             next_at = now + rng.uniform(3.0, 6.0)
         time.sleep(0.05)
     for _, pid in stopped:
@@ -154,37 +161,67 @@ def slowed(data: Path, tmp: Path, rows: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@contextlib.contextmanager
+def ray_cluster() -> Iterator[str]:
+    """A 2-node Ray cluster on this machine (a head with no CPU, two 1-CPU nodes): its address."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
+def one_backend(data: Path, tmp: Path, rng: random.Random, args: argparse.Namespace,
+                address: str | None) -> dict[str, Any]:  # fmt: skip
+    """A fault-free run and a run under chaos on one backend, compared."""
+    name = "ray" if address else "local"
+    t = time.monotonic()
+    clean = subprocess.run(command(data, tmp / "clean", address), capture_output=True, text=True)
+    if clean.returncode != 0:
+        raise SystemExit(f"the fault-free job on {name} failed: {clean.stderr}")
+    clean_s = time.monotonic() - t
+    faults = chaos(data, tmp / "chaos", rng, args.events, address)
+    rows, got = table(tmp / "chaos")
+    want_rows, want = table(tmp / "clean")
+    lost = int(args.rows - len(np.unique(rows)))
+    duplicated = int(len(rows) - len(np.unique(rows)))
+    identical = bool(np.array_equal(rows, want_rows) and np.array_equal(got, want))
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+    print(f"chaos on {name}: {faults['worker_kills']} worker kills, {faults['worker_stops']} stops, "
+          f"{faults['driver_kills']} driver kill(s) survived; rows lost {lost}, duplicated {duplicated}; "
+          f"output identical to the fault-free run: {'yes' if identical else f'no (max diff {diff:.2g})'}; "
+          f"time {faults['wall_s']:.1f} s vs {clean_s:.1f} s fault-free ({faults['wall_s'] / clean_s:.2f}x)",
+          flush=True)  # fmt: skip
+    return {"clean_wall_s": clean_s, **faults, "rows_lost": lost, "rows_duplicated": duplicated,
+            "identical": identical, "max_abs_diff": diff, "chaos_over_clean": faults["wall_s"] / clean_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--events", type=int, default=8, help="chaos events (at most 10)")
+    parser.add_argument("--backends", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    result: dict[str, Any] = {"rows": args.rows}
     with tempfile.TemporaryDirectory(prefix="distinfer-chaos-") as folder:
         tmp = Path(folder)
         data = corpus(tmp / "verses.txt", args.rows)
-        t = time.monotonic()
-        clean = subprocess.run(command(data, tmp / "clean"), capture_output=True, text=True)
-        if clean.returncode != 0:
-            raise SystemExit(f"the fault-free job failed: {clean.stderr}")
-        clean_s = time.monotonic() - t
-        faults = chaos(data, tmp / "chaos", rng, args.events)
-        rows, got = table(tmp / "chaos")
-        want_rows, want = table(tmp / "clean")
-        lost = int(args.rows - len(np.unique(rows)))
-        duplicated = int(len(rows) - len(np.unique(rows)))
-        identical = bool(np.array_equal(rows, want_rows) and np.array_equal(got, want))
-        diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            if backend == "ray":
+                with ray_cluster() as address:
+                    result[backend] = one_backend(data, tmp / backend, rng, args, address)
+            else:
+                result[backend] = one_backend(data, tmp / backend, rng, args, None)
         slow = slowed(data, tmp, args.rows)
-    result = {"rows": args.rows, "clean_wall_s": clean_s, **faults, "rows_lost": lost,
-              "rows_duplicated": duplicated, "identical": identical, "max_abs_diff": diff,
-              "chaos_over_clean": faults["wall_s"] / clean_s, "slow_worker": slow}  # fmt: skip
-    print(f"chaos: {faults['worker_kills']} worker kills, {faults['worker_stops']} stops, "
-          f"{faults['driver_kills']} driver kill(s) survived; rows lost {lost}, duplicated {duplicated}; "
-          f"output identical to the fault-free run: {'yes' if identical else f'no (max diff {diff:.2g})'}; "
-          f"time {faults['wall_s']:.1f} s vs {clean_s:.1f} s fault-free ({faults['wall_s'] / clean_s:.2f}x)")
+    result["slow_worker"] = slow
     rates = ", ".join(f"{r:.1f}" for r in slow["worker_rates"])
     verdict = "met" if slow["with_over_ideal"] <= 1.15 else "MISSED"
     print(f"one worker slowed 4x (rates {rates} rows/s): "

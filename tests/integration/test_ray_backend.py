@@ -249,3 +249,46 @@ def test_bad_rows_are_set_aside_on_ray_as_locally(cluster: Cluster, small_corpus
     assert [(e["row"], e["stage"]) for e in errors] == [(7, "read"), (250, "read")]
     assert errors[0]["message"] == "bad.txt line 8 is not valid UTF-8 text; re-encode the file as UTF-8"
     assert report.bad_rows == 2
+
+
+def _replica_pids(cluster: Cluster) -> set[int]:
+    """The live Ray worker processes hosting a distinfer replica, on every node."""
+    return {pid for node in cluster.worker_nodes
+            for pid in worker_pids(node.all_processes["raylet"][0].process.pid, b"DistinferReplica")}  # fmt: skip
+
+
+def test_a_driver_killed_on_ray_leaves_no_worker_and_the_job_resumes(
+    cluster: Cluster, vectors: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """Ray ends the actors a driver owned when that driver dies (they are not detached); the
+    same command, run again, reuses the parts already written and gives exactly-once output."""
+    import toy_models
+
+    path, data = vectors
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distinfer.cli", "run", "--model", "toy_models:very_slow_mlp",
+               "--input", str(path), "--output", str(out), "--workers", "2", "--backend", "ray",
+               "--address", cluster.address, "--batch-size", "16", "--block-size", "64"]  # fmt: skip
+    before = _replica_pids(cluster)
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or driver.poll() is not None, 120,
+                 "two finished blocks")  # fmt: skip
+        assert driver.poll() is None, "the job ended before the driver could be killed"
+        replicas = _replica_pids(cluster) - before
+        assert replicas, "no replica process found"
+        driver.kill()
+        driver.wait(timeout=30)
+    finally:
+        driver.kill()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    wait_for(lambda: not (_replica_pids(cluster) & replicas), 5.0, "the replicas to end with their driver")
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert all(final[name] == mtime for name, mtime in written.items()), "a committed part was written again"
+    got = table(out)
+    np.testing.assert_array_equal(got["row"], np.arange(len(data)))  # none lost, none twice
+    with torch.inference_mode():
+        reference = toy_models.mlp()(torch.from_numpy(data))
+    torch.testing.assert_close(torch.tensor(got["output"], dtype=torch.float32), reference)
