@@ -146,3 +146,22 @@ def test_read_isolation_leaves_out_unreadable_lines(tmp_path: Path) -> None:
     assert sorted(bad) == [1, 3, 4] and all(b.stage == "read" for b in found)
     assert bad[1].message.startswith("rows.jsonl line 2 field 'text' is a number") and bad[3].value == "not json"
     assert "line 5 is not valid JSON (not UTF-8)" in bad[4].message
+
+
+def test_a_csv_record_that_is_not_utf8_is_that_rows_error_not_the_blocks(tmp_path: Path) -> None:
+    from distinfer.data.sources import plan_blocks, read_block
+    from distinfer.errors import InputError
+    from distinfer.worker.quarantine import read_isolating
+
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"text,n\nalpha,1\nbe\xfft\xa0a,2\ngamma,3\n\xc3delta,4\n")  # records 2 and 4 broken
+    source = open_source(str(path))
+    assert "n" in source.numeric  # the broken records do not make a number column text
+    (block,) = plan_blocks(source, 4, 4)
+    columns, kept, found = read_isolating(source, block, ["text", "n"], limit=5)
+    assert kept == [0, 2] and columns["text"] == ["alpha", "gamma"] and list(columns["n"]) == [1, 3]
+    assert [(b.row, b.stage) for b in found] == [(1, "read"), (3, "read")]
+    assert found[0].message == "rows.csv record 2 is not valid UTF-8; re-encode the file as UTF-8"
+    with pytest.raises(InputError, match=r"^rows.csv record 2 is not valid UTF-8") as caught:
+        read_block(source, block, ["text"])  # no allowance: the first bad row, named
+    assert caught.value.row == 1

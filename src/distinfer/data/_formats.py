@@ -14,6 +14,7 @@ import functools
 import io
 import itertools
 import json
+import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from distinfer.errors import InputError
 __all__ = ["OPENERS", "group_bounds", "raw_row", "read_rows"]
 
 _SAMPLE_BYTES = 1 << 20
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 
 
 class _Rows:
@@ -96,16 +98,22 @@ def _open_jsonl(path: str) -> Opened:
     return tuple(first), rows, ()
 
 
-def _parse_csv(data: bytes, name: str, first_record: int) -> list[list[str]]:
+def _parse_csv(
+    data: bytes, name: str, first_record: int, lenient: bool = False
+) -> tuple[list[list[str]], bool]:
+    """The records of `data`, and whether some bytes were not UTF-8: an error naming the first
+    such record, or (`lenient`) those bytes kept as lone surrogates for the caller to find."""
     try:
-        text = data.decode("utf-8")
+        text, broken = data.decode("utf-8"), False
     except UnicodeDecodeError as exc:
-        record = first_record + count_ends(data[: exc.start], quoted=True)
-        where = f"record {record}" if record else "header (line 1)"
-        raise InputError(f"{name} {where} is not valid UTF-8; "
-                         "re-encode the file as UTF-8") from None
+        if not lenient:
+            record = first_record + count_ends(data[: exc.start], quoted=True)
+            where = f"record {record}" if record else "header (line 1)"
+            raise InputError(f"{name} {where} is not valid UTF-8; "
+                             "re-encode the file as UTF-8") from None
+        text, broken = data.decode("utf-8", errors="surrogateescape"), True
     try:
-        return list(csv.reader(io.StringIO(text, newline="")))
+        return list(csv.reader(io.StringIO(text, newline=""))), broken
     except csv.Error as exc:
         raise InputError(f"{name} near record {first_record} cannot be parsed as CSV ({exc}); "
                          "check its quoting") from None
@@ -121,7 +129,7 @@ def _open_csv(path: str) -> Opened:
         raise InputError(f'{name} ends inside a quoted field that starts in {where}; close the '
                          'quote, and write a quote inside a field as ""')
     header_end = next(record_offsets(path, [1], quoted=True))
-    header = _parse_csv(_read_bytes(path, 0, header_end), name, 0)
+    header, _ = _parse_csv(_read_bytes(path, 0, header_end), name, 0)
     columns = tuple(header[0]) if header else ()
     if not any(columns):
         raise InputError(f"{name} has an empty header row (line 1); the first line must name "
@@ -136,8 +144,9 @@ def _open_csv(path: str) -> Opened:
     cut = header_end + len(data) < size
     if cut:
         data = data[: data.rfind(b"\n") + 1]  # never split a UTF-8 character
-    sample = _parse_csv(data, name, 1)[: -1 if cut else None]
-    sample = [r for r in sample if len(r) == len(columns)]
+    sample, broken = _parse_csv(data, name, 1, lenient=True)  # a record not UTF-8 is that row's error
+    sample = [r for r in sample[: -1 if cut else None] if len(r) == len(columns)
+              and not (broken and any(_UNDECODED.search(field) for field in r))]  # fmt: skip
     numeric = tuple(c for j, c in enumerate(columns)
                     if sample and parse_numbers([r[j] for r in sample]) is not None)
     return columns, records - 1, numeric
@@ -282,12 +291,14 @@ def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str], where: _Rows
 
 def _read_csv(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
     data = _read_bytes(spec.path, block.byte_start, block.byte_stop)
-    records = _parse_csv(data, name_of(spec.path), block.start + 1)
+    records, broken = _parse_csv(data, name_of(spec.path), block.start + 1, lenient=True)
     if len(records) != block.rows:
         raise InputError(f"{describe_row(spec, block.start)} to {block.stop} do not parse as "
                          f"{block.rows} records; check their quoting (a stray quote or carriage return)")
     records = [records[k] for k in where.kept]
     for i, record in enumerate(records):
+        if broken and any(_UNDECODED.search(field) for field in record):  # that record, not the block
+            raise InputError(f"{where(i)} is not valid UTF-8; re-encode the file as UTF-8")
         if len(record) != len(spec.columns):
             raise InputError(f"{where(i)} has {len(record)} fields but the header has "
                              f"{len(spec.columns)}; fix that record (blank lines are not allowed)")
