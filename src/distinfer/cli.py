@@ -140,6 +140,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 16 MiB)")
     p.add_argument("--max-restarts", type=int, help="replacement replicas over the server's life (default 10)")
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="exit with an error when no replica is warm after this many seconds; a replica still loading this long after its own start is stopped and replaced (default 600)")
+    p.add_argument("--latency-target", dest="latency_target_s", type=_milliseconds, metavar="MS", help="--strategy auto: one batch's latency at most, e.g. 100ms (a bare number is ms): the top plan that meets it, and its batch size as --max-batch-size unless given")
+    p.add_argument("--request-rate", type=float, metavar="ROWS_PER_S", help="--strategy auto: rows/s the replicas must sustain together: the top plan that does")
     _layout_args(p)
     _generation_args(p, job=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")

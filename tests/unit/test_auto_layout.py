@@ -107,6 +107,24 @@ def test_a_server_plans_from_the_latest_profile_or_says_how_to_make_one() -> Non
         assert laid.replicas == 1
 
 
+@pytest.mark.skipif(this_machine().nodes[0].cores < 2, reason="the plans compared need 2 cores")
+def test_a_server_plans_for_its_latency_target_and_request_rate() -> None:
+    with pytest.raises(ConfigError, match="--latency-target and --request-rate are planned from a profile"):
+        auto_serve_layout(ServeConfig(model=MODEL, latency_target_s=0.15), set())
+    _cache(RATES)
+    # batch 32 takes over 200 ms in every layout; batch 8 fits 150 ms, and sets the batches' size
+    laid, line = auto_serve_layout(ServeConfig(model=MODEL, latency_target_s=0.15), set())
+    assert laid.max_batch_size == 8 and "--strategy auto chose" in line
+    laid, _ = auto_serve_layout(ServeConfig(model=MODEL), set())
+    assert laid.max_batch_size == ServeConfig(model=MODEL).max_batch_size  # no target: left as given
+    laid, _ = auto_serve_layout(ServeConfig(model=MODEL, request_rate=140), set())
+    assert (laid.replicas, laid.threads_per_replica) == (2, 1)  # only 2 one-thread replicas make 140/s
+    with pytest.raises(ConfigError, match=r"no layout of decoder-tiny can run here: .*under the requested 1000"):
+        auto_serve_layout(ServeConfig(model=MODEL, request_rate=1000), set())
+    with pytest.raises(ConfigError, match="--latency-target must be > 0"):
+        ServeConfig(model=MODEL, latency_target_s=0)
+
+
 def _fields(config: RunConfig) -> dict[str, object]:
     from dataclasses import fields
 

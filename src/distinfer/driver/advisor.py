@@ -237,15 +237,18 @@ def auto_serve_layout(config: ServeConfig, given: set[str]) -> tuple[ServeConfig
     if profile is None:
         hint = (f"no profile of {config.model} on this machine yet; 'distinfer plan --model {config.model} "
                 "--input SAMPLE' measures one (a sample of the requests' rows or prompts)")  # fmt: skip
-        if "strategy" in given:
-            raise ConfigError(f"serve --strategy auto: {hint}, or give --strategy data, pipeline or tensor")
+        if "strategy" in given or config.latency_target_s or config.request_rate:
+            raise ConfigError(f"serve --strategy auto: {hint}, or give --strategy data, pipeline or tensor "
+                              "(--latency-target and --request-rate are planned from a profile)")
         line = f"{NO_PROFILE}, {config.replicas} replicas: {hint}"
         return replace(config, strategy="data"), line
     memory = parse_memory(config.worker_memory) if config.worker_memory else None
-    work = Workload(rows=1, worker_memory=memory)
+    work = Workload(rows=1, worker_memory=memory, latency_target_s=config.latency_target_s,
+                    request_rate=config.request_rate)  # fmt: skip
     here = this_machine()
     plan = Advice(profile, here, work, make_plans(profile, here, work)).top
-    batch = "max_running" if plan.generates else None
+    # a latency target holds for the plan's batch size: the server's batches are no larger
+    batch = "max_running" if plan.generates else "max_batch_size" if config.latency_target_s else None
     chosen = _layout_fields(plan, "replicas", "threads_per_replica", batch)
     updates = {k: v for k, v in chosen.items() if k not in given}
     base = plan.strategy.split(" x ")[-1]

@@ -43,6 +43,8 @@ class ServeConfig:
     tensor_parallel: int | None = None
     tensor_comm: TensorComm = "auto"
     worker_memory: str | None = None
+    latency_target_s: float | None = None  # strategy auto: plan for one batch within this
+    request_rate: float | None = None  # strategy auto: plan for rows/s sustained
     # text generation (gemma3-270m, .gguf files, Hugging Face directories): the OpenAI routes
     max_running: int = 32  # sequences each replica advances together
     kv_cache_memory: str = "1GiB"  # each replica's KV cache
@@ -60,6 +62,10 @@ class ServeConfig:
         for name in ("max_queue_delay_ms", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name, flag in (("latency_target_s", "--latency-target"), ("request_rate", "--request-rate")):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{flag} must be > 0, got {value}")
         if self.timeout_ms is not None and self.timeout_ms <= 0:
             raise ConfigError(f"--timeout-ms must be > 0, got {self.timeout_ms}")
         if self.model_name is not None and not _NAME.fullmatch(self.model_name):
