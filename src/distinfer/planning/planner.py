@@ -51,6 +51,10 @@ from distinfer.planning.sizes import format_bytes
 __all__ = ["Plan", "Workload", "make_plans"]
 
 TIE = 0.02  # throughputs within 2% rank as equal
+#: a pipeline or tensor-parallel plan ranks above a data-parallel one only when predicted this
+#: much faster: its processes wait on each other, so the machine's noise costs it more, and
+#: its prediction (bubble, all-reduces, measured group efficiency) is the less certain one
+MODEL_PARALLEL_MARGIN = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +251,14 @@ def _targets(plan: Plan, work: Workload) -> Plan:
     return plan
 
 
+def _ranked_rate(plan: Plan) -> float:
+    """The throughput a plan is ranked by: a model-parallel plan's less its margin."""
+    return plan.rows_per_s / (1 + MODEL_PARALLEL_MARGIN) if plan.stages * plan.ranks > 1 else plan.rows_per_s
+
+
 def _rank_key(plan: Plan, best_rate: float) -> tuple[float, ...]:
-    bucket = (
-        math.floor(math.log(max(plan.rows_per_s, 1e-12) / best_rate) / math.log1p(TIE)) if best_rate else 0
-    )
+    rate = _ranked_rate(plan)
+    bucket = math.floor(math.log(max(rate, 1e-12) / best_rate) / math.log1p(TIE)) if best_rate else 0
     return (bool(plan.refused), -bucket, plan.latency_s, plan.processes, -plan.rows_per_s)
 
 
@@ -272,7 +280,7 @@ def make_plans(profile: Profile, cluster: Cluster, work: Workload) -> list[Plan]
     if not plans:
         raise ConfigError(f"no layout of {profile.model} fits {cluster.describe()}")
     usable = [pl for pl in plans if not pl.refused]
-    best_rate = max((pl.rows_per_s for pl in usable), default=0.0)
+    best_rate = max((_ranked_rate(pl) for pl in usable), default=0.0)
     plans.sort(key=lambda pl: _rank_key(pl, best_rate))
     return [replace(pl, reasons=tuple(_reasons(pl, plans, profile, cluster, work))) for pl in plans]
 
@@ -324,7 +332,11 @@ def _reasons(plan: Plan, plans: list[Plan], profile: Profile, cluster: Cluster, 
     top = next(p for p in plans if not p.refused)
     if plan is not top:
         slower = 1 - plan.rows_per_s / top.rows_per_s if top.rows_per_s else 0.0
-        if slower > TIE:
+        if slower < -TIE:  # faster, but model parallel within its margin of a data-parallel top
+            out.append(f"{-slower:.0%} more throughput than the top plan, under the "
+                       f"{MODEL_PARALLEL_MARGIN:.0%} a pipeline or tensor-parallel layout must gain over "
+                       "data parallel")
+        elif slower > TIE:
             out.append(f"{slower:.0%} less throughput than the top plan")
         else:
             out.append(
