@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from distinfer.errors import ConfigError
 from distinfer.planning.cluster import Cluster, NodeKind, load_cluster, parse_bandwidth
 from distinfer.planning.costmodel import (
     RUNTIME_RESERVE,
+    _scaled_layers,
     allreduce_s,
     bubble,
     contention,
@@ -370,3 +372,34 @@ def test_contention_and_layer_shares_are_taken_at_the_plans_batch_size() -> None
     at = {b: next(p for p in make_plans(prof, _local(), Workload(rows=64, block_size=64, batch_sizes=(b,)))
                   if p.stages == 2 and p.threads == 1) for b in (1, 8)}  # fmt: skip
     assert at[8].cuts == (1,) and at[1].cuts == (2,)
+
+
+def test_layer_shares_move_to_the_samples_length() -> None:
+    # at 64 tokens the attention-heavy block takes half the time; at 256 three quarters
+    layers = (LayerCost("block 0", 0.5, MiB, MiB), LayerCost("block 1", 0.4, MiB, MiB),
+              LayerCost("head", 0.1, MiB, 1000))  # fmt: skip
+    at_256 = (3.0, 0.8, 0.2)  # shares 0.75, 0.2, 0.05
+    prof = _profile(layers=layers, layer_batch=8, layer_seq_len=64, layers_by_seq=((256, at_256),))
+    same = _scaled_layers(replace(prof, seq_len=64), 8)
+    assert [c.seconds for c in same] == pytest.approx([0.5, 0.4, 0.1])
+    long = _scaled_layers(replace(prof, seq_len=256), 8)
+    assert [c.seconds for c in long] == pytest.approx([0.75, 0.2, 0.05])  # in layer_batch's units
+    assert long[0].activation_bytes == 4 * MiB  # 4x the tokens
+    half = _scaled_layers(replace(prof, seq_len=128), 8)  # halfway in log L
+    assert half[0].seconds == pytest.approx(0.625 / (0.625 + 0.3 + 0.075))
+    assert _scaled_layers(replace(prof, seq_len=0), 8) == same  # length unknown: as measured
+    # a family measured at one length only (ONNX, PyTorch) is taken as measured, whatever seq_len says
+    assert _scaled_layers(replace(prof, seq_len=256, layers_by_seq=()), 8) == same
+
+
+def test_the_samples_length_is_read_from_its_padded_token_batches() -> None:
+    import numpy as np
+    import torch
+
+    from distinfer.driver.profiling import padded_length
+
+    ids = [(torch.zeros(32, 10, dtype=torch.long), torch.ones(32, 10)), (torch.zeros(8, 40, dtype=torch.long), None)]
+    assert padded_length(ids) == round((32 * 10 + 8 * 40) / 40)
+    assert padded_length([{"input_ids": np.zeros((4, 7), dtype=np.int64)}]) == 7
+    assert padded_length([np.zeros((4, 16), dtype=np.float32)]) == 0  # vectors, not tokens
+    assert padded_length([]) == 0

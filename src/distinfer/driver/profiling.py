@@ -12,7 +12,9 @@ same preparation and batching (`run_block`), threads pinned before torch loads.
 2. `cores` one-thread processes at once, started together after all have loaded: each one's
    rows/s, the measured contention.
 3. Per-layer times and sizes (one layer in memory at a time, 1 thread), for the families
-   that can be cut into stages.
+   that can be cut into stages: at `layer_batch` rows of 64 tokens, at 1 row, and for text
+   models at 16 and 256 tokens too; and the sample's tokens per row, as its batches pad
+   them, to which the cost model moves the layers' shares.
 4. One tensor-parallel group of 2 (and 4, where the cores allow) one-thread ranks, as a
    worker runs it (`TensorParallelRunner`), over the same sample at each batch size, for
    the families that can be sharded: what the group really gets, which the ideal
@@ -62,6 +64,8 @@ PASS_S = 2.0  # ... and as many rows as one process at 1 thread runs in about th
 FEW_ROWS = 16  # ... but at least this many where a pass of them takes at most
 LONG_PASS_S = 8.0  # ... this long,
 FULL_BATCH_PASS_S = 40.0  # and at least one batch of the smallest measured size within this
+LAYER_SEQ_LENS = (16, 256)  # a text model's layers are also measured at these lengths
+LENGTH_BATCH = 32  # the sample's padded length is taken from batches of this many rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,20 +196,39 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
                     passes += 1
                 timed[b] = passes * rows / (time.perf_counter() - start)
             rates = [(b, timed[b if b in timed else min(b, rows)]) for b in req.batch_sizes]
+            inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
+            length = padded_length(runner.prepare(inputs, min(LENGTH_BATCH, rows)).batches)
         if group is not None:
             group.close()  # its rank processes end before this one answers
-        conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0))
+        conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0, length))
     except BaseException as exc:  # reported to the parent, which raises it with its message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
+def padded_length(batches: list[Any]) -> int:
+    """Tokens per row as `batches` of a text model pad them (rows-weighted mean of the token
+    ids' second axis), or 0 when the batches hold no 2-D integer array first."""
+    rows = tokens = 0
+    for batch in batches:
+        first = batch
+        while isinstance(first, (tuple, list, dict)) and first:
+            first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+        shape: tuple[int, ...] = tuple(getattr(first, "shape", ()))
+        dtype = str(getattr(first, "dtype", ""))
+        if len(shape) != 2 or "int" not in dtype:
+            return 0
+        rows, tokens = rows + shape[0], tokens + shape[0] * shape[1]
+    return round(tokens / rows) if rows else 0
+
+
 def _measure(
     req: ProfileRequest, processes: int, threads: int, ranks: int = 1
-) -> tuple[list[Rate], float, int, int, float]:
+) -> tuple[list[Rate], float, int, int, float, int]:
     """`processes` processes at once: their mean rates, the first's start-up s, the largest
-    RSS, the rows of the sample and (generation) the mean tokens generated per row. `ranks`
+    RSS, the rows of the sample, (generation) the mean tokens generated per row and the
+    sample's padded tokens per row (0: not a text model). `ranks`
     > 1: one tensor-parallel group of that many ranks (rank 0 starts the others, so it is
     not a daemon; it ends them before it answers)."""
     ctx = mp.get_context("spawn")
@@ -231,8 +254,8 @@ def _measure(
     for i, b in enumerate(req.batch_sizes):
         mean = sum(r[0][i][1] for r in results) / processes
         rates.append(Rate(threads, b, mean, processes, ranks))
-    tokens = results[0][2]
-    return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1]), tokens
+    tokens, length = results[0][2], results[0][3]
+    return rates, min(r[0] for r in ready), max(r[1] for r in results), int(ready[0][1]), tokens, length
 
 
 def _expect(conn: Connection, kind: str) -> list[Any]:
@@ -259,24 +282,28 @@ def _layers_child(conn: Connection, req: ProfileRequest) -> None:
         spec = parse_model(req.model)
         costs = spec.family.layer_costs(spec, req.layer_batch, req.seq_len)
         small = [] if req.layer_batch == 1 else spec.family.layer_costs(spec, 1, req.seq_len)
+        lengths = LAYER_SEQ_LENS if spec.family.has_tokens else ()  # its layers' times depend on them
+        by_seq = [(n, tuple(c.seconds for c in spec.family.layer_costs(spec, req.layer_batch, n)))
+                  for n in lengths]  # fmt: skip
         conn.send(("done", [(c.name, c.seconds, c.weight_bytes, c.activation_bytes) for c in costs],
-                   [(1, tuple(c.seconds for c in small))] if small else []))  # fmt: skip
+                   [(1, tuple(c.seconds for c in small))] if small else [], by_seq))  # fmt: skip
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
-def _layers(req: ProfileRequest) -> tuple[list[Any], list[Any]]:
-    """The layers at `layer_batch` rows, and each layer's seconds at a batch of 1."""
+def _layers(req: ProfileRequest) -> tuple[list[Any], list[Any], list[Any]]:
+    """The layers at `layer_batch` rows, each layer's seconds at a batch of 1, and (a text
+    model) at `layer_batch` rows of each of `LAYER_SEQ_LENS` tokens."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_layers_child, args=(child, req), daemon=True)
     proc.start()
     child.close()
     try:
-        costs, by_batch = _expect(parent, "done")
-        return list(costs), list(by_batch)
+        costs, by_batch, by_seq = _expect(parent, "done")
+        return list(costs), list(by_batch), list(by_seq)
     finally:
         proc.join(timeout=30)
 
@@ -302,7 +329,7 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
         return Profile.load(_latest_path(key, spec, req.generation))
     started = time.monotonic()
     log.info("profiling %s on this machine (once; cached in %s)", req.model, path)
-    alone, startup, rss, rows, tokens = _measure(req, 1, 1)
+    alone, startup, rss, rows, tokens, length = _measure(req, 1, 1)
     req = replace(req, rows=rows)  # every later measurement over the same sample
     rates = list(alone)
     if machine.cores > 1:
@@ -312,9 +339,10 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
     strategies = ["data"]
     layers: list[Any] = []
     by_batch: list[Any] = []
+    by_seq: list[Any] = []
     if family.no_stages is None and not family.generates:
         try:
-            layers, by_batch = _layers(req)
+            layers, by_batch, by_seq = _layers(req)
             strategies.append("pipeline")
         except ModelError as exc:
             log.info("no per-layer profile of %s: %s", req.model, exc)
@@ -332,8 +360,10 @@ def get_profile(req: ProfileRequest, refresh: bool = False, measure: bool = True
 
     profile = Profile(
         model=req.model, machine=key, cores=machine.cores, rates=tuple(rates),
-        layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch, seq_len=req.seq_len,
+        layers=tuple(LayerCost(*c) for c in layers), layer_batch=req.layer_batch,
+        layer_seq_len=req.seq_len, seq_len=length,
         layers_by_batch=tuple((int(b), tuple(secs)) for b, secs in by_batch),
+        layers_by_seq=tuple((int(n), tuple(secs)) for n, secs in by_seq),
         weight_bytes=sum(weights) if weights else sum(c[2] for c in layers), worker_rss=rss,
         startup_s=startup, links=measure_links(), strategies=tuple(strategies), tensor_ranks=ranks,
         tokens_per_row=tokens,

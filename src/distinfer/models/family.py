@@ -115,6 +115,9 @@ class ModelFamily(ABC):
 
     #: whether its job is text generation (`--task generate`, models/llm/)
     generates: ClassVar[bool] = False
+    #: whether its rows are token sequences, so that `layer_costs` depends on their length
+    #: (the built-in transformers)
+    has_tokens: ClassVar[bool] = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), ())  # stateless: a spec pickles as the class reference

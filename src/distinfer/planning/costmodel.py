@@ -151,29 +151,39 @@ def allreduce_s(profile: Profile, nbytes: float, ranks: int) -> float:
     return steps * links.allreduce_latency_s + steps / ranks * nbytes / links.allreduce_bytes_per_s
 
 
+def _shares(seconds: Sequence[float]) -> list[float]:
+    whole = math.fsum(seconds) or 1.0
+    return [x / whole for x in seconds]
+
+
+def _shares_at(measured: list[tuple[int, list[float]]], at: float) -> list[float]:
+    """Each layer's share of the time at `at`, interpolated in log between the points measured."""
+    points = sorted((math.log(x), _shares(secs)) for x, secs in measured)
+    return [_interp([(px, sh[i]) for px, sh in points], math.log(at)) for i in range(len(points[0][1]))]
+
+
 def _scaled_layers(profile: Profile, batch_size: int) -> list[LayerCost]:
-    """The measured layers at `batch_size` rows: activations scaled from `layer_batch`, and
-    each layer's share of the time interpolated in `log b` between the batch sizes measured
-    (`layer_batch` and `layers_by_batch`; flat beyond them), in `layer_batch`'s units."""
-    scale = batch_size / max(1, profile.layer_batch)
-    seconds = [c.seconds for c in profile.layers]
-    measured = [(profile.layer_batch, seconds), *((b, list(s)) for b, s in profile.layers_by_batch
-                                                  if len(s) == len(seconds))]  # fmt: skip
-    if len(measured) > 1:
-        total = math.fsum(seconds) or 1.0
-
-        def shares(secs: list[float]) -> list[float]:
-            whole = math.fsum(secs) or 1.0
-            return [x / whole for x in secs]
-
-        points = sorted((math.log(b), shares(secs)) for b, secs in measured)
-        x = math.log(batch_size)
-        seconds = [
-            total * _interp([(px, sh[i]) for px, sh in points], x) for i in range(len(seconds))
-        ]
+    """The measured layers at `batch_size` rows of the sample's length: each layer's share of
+    the time interpolated in `log b` between the batch sizes measured (`layer_batch` and
+    `layers_by_batch`), then moved by how the shares move in `log L` between the lengths
+    measured (`layer_seq_len` and `layers_by_seq`) to the sample's `seq_len` (flat beyond the
+    points measured), in `layer_batch`'s units; activations scaled by rows and length."""
+    base = [c.seconds for c in profile.layers]
+    total = math.fsum(base) or 1.0
+    by_batch = [(profile.layer_batch, base), *((b, list(s)) for b, s in profile.layers_by_batch
+                                               if len(s) == len(base))]  # fmt: skip
+    shares = _shares_at(by_batch, batch_size) if len(by_batch) > 1 else _shares(base)
+    by_seq = [(profile.layer_seq_len, base), *((n, list(s)) for n, s in profile.layers_by_seq
+                                               if len(s) == len(base))]  # fmt: skip
+    # only a family measured at several lengths (a text model) is moved to the sample's
+    length = profile.seq_len if len(by_seq) > 1 and profile.seq_len else profile.layer_seq_len
+    if length != profile.layer_seq_len:
+        moved = [a / b if b else 1.0 for a, b in zip(_shares_at(by_seq, length), _shares(base), strict=True)]
+        shares = _shares([s * m for s, m in zip(shares, moved, strict=True)])
+    scale = batch_size / max(1, profile.layer_batch) * length / max(1, profile.layer_seq_len)
     return [
-        LayerCost(c.name, t, c.weight_bytes, int(c.activation_bytes * scale))
-        for c, t in zip(profile.layers, seconds, strict=True)
+        LayerCost(c.name, total * share, c.weight_bytes, int(c.activation_bytes * scale))
+        for c, share in zip(profile.layers, shares, strict=True)
     ]
 
 

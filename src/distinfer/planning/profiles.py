@@ -26,7 +26,7 @@ from distinfer.planning.cuts import LayerCost
 
 __all__ = ["PROFILE_VERSION", "Links", "Profile", "Rate", "cache_dir", "machine_key", "profile_path"]
 
-PROFILE_VERSION = 2  # 2: tensor-parallel groups measured (`Rate.ranks`)
+PROFILE_VERSION = 3  # 2: tensor-parallel groups measured (`Rate.ranks`); 3: layers at several lengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +64,15 @@ class Profile:
     machine: str
     cores: int
     rates: tuple[Rate, ...]
-    layers: tuple[LayerCost, ...] = ()  # per layer, for `layer_batch` rows of `seq_len` tokens, 1 thread
+    layers: tuple[LayerCost, ...] = ()  # per layer, `layer_batch` rows of `layer_seq_len` tokens, 1 thread
     layer_batch: int = 8
-    seq_len: int = 0  # mean tokens per row of the sample (0: not a text model)
+    layer_seq_len: int = 64
+    seq_len: int = 0  # the sample's tokens per row as its batches pad them (0: not known, not text)
     # each layer's seconds at other batch sizes (same order as `layers`): how the layers'
     # shares of the time move with the batch (the head weighs more in a batch of 1)
     layers_by_batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    # ... and at other sequence lengths, `layer_batch` rows (attention grows faster than the rest)
+    layers_by_seq: tuple[tuple[int, tuple[float, ...]], ...] = ()
     weight_bytes: int = 0
     worker_rss: int = 0  # peak resident bytes of one data-parallel worker process
     startup_s: float = 0.0  # spawning a worker process, its imports and the model's load
@@ -91,9 +94,13 @@ class Profile:
             rates=tuple(Rate(**r) for r in data["rates"]),
             layers=tuple(LayerCost(**c) for c in data.get("layers", ())),
             layer_batch=int(data.get("layer_batch", 8)),
+            layer_seq_len=int(data.get("layer_seq_len", 64)),
             seq_len=int(data.get("seq_len", 0)),
             layers_by_batch=tuple(
                 (int(b), tuple(float(x) for x in secs)) for b, secs in data.get("layers_by_batch", ())
+            ),
+            layers_by_seq=tuple(
+                (int(n), tuple(float(x) for x in secs)) for n, secs in data.get("layers_by_seq", ())
             ),
             weight_bytes=int(data.get("weight_bytes", 0)),
             worker_rss=int(data.get("worker_rss", 0)),

@@ -84,6 +84,8 @@ class DecoderFamily(ModelFamily):
     def weight_bytes(self, spec: ModelSpec) -> list[int]:
         return [4 * n for n in _config(spec.name).layer_parameters()]
 
+    has_tokens = True
+
     def layer_costs(self, spec: ModelSpec, batch_size: int, seq_len: int) -> list[LayerCost]:
         from ..layer_costs import decoder_layer_costs
 

@@ -59,6 +59,8 @@ class MiniLMFamily(ModelFamily):
         bert = BertConfig.from_file(minilm_path() / "config.json")
         return divisibility_problem(spec.name, bert.num_attention_heads, bert.intermediate_size, world)
 
+    has_tokens = True
+
     def layer_costs(self, spec: ModelSpec, batch_size: int, seq_len: int) -> list[LayerCost]:
         from ..layer_costs import bert_layer_costs
         from ..minilm import minilm_path
