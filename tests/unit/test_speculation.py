@@ -17,6 +17,7 @@ from distinfer.scheduling import (
     Scheduler,
     SchedulerConfig,
     StopWorker,
+    Tick,
     WorkerReady,
 )
 from distinfer.scheduling.scheduler import Running, pick_speculation
@@ -120,3 +121,32 @@ def test_no_speculation_before_the_quantile_of_blocks_is_done() -> None:
 def test_a_multiplier_under_one_is_refused(value: float) -> None:
     with pytest.raises(ValueError, match="speculation_multiplier"):
         SchedulerConfig(speculation_multiplier=value)
+
+
+def test_a_block_that_turns_late_after_the_others_went_idle_is_copied_at_a_tick() -> None:
+    # 2 workers, 4 blocks of 10 s; worker 1's second block stalls (SIGSTOP) when worker 0 has
+    # nothing left: no refill comes to look at it again, so a Tick must
+    config = SchedulerConfig(speculation=True, prefetch=1, speculation_quantile=0.5)
+    sched = Scheduler({b: 100 for b in range(4)}, [0, 1], config, now=0.0)
+    sched.start(0.0)
+    owner: dict[int, int] = {}
+
+    def take(actions: list[object]) -> None:
+        owner.update({a.block: a.worker for a in actions if isinstance(a, Assign)})
+
+    take(sched.handle(WorkerReady(0), 0.0) + sched.handle(WorkerReady(1), 0.0))
+    first = {w: b for b, w in owner.items()}
+    for w in (0, 1):
+        sched.handle(BlockStarted(w, first[w]), 0.0)
+    take(sched.handle(BlockDone(0, first[0]), 10.0))
+    take(sched.handle(BlockDone(1, first[1]), 10.0))
+    second = {w: b for b, w in owner.items() if b not in first.values()}
+    for w in (0, 1):
+        sched.handle(BlockStarted(w, second[w]), 10.0)
+    assert sched.handle(BlockDone(0, second[0]), 20.0) == []  # nothing to copy yet: 1 is on time
+    assert sched.next_speculation_check() == pytest.approx(10.0 + 3 * 10.0)  # late from 40 s
+    assert sched.handle(Tick(), 30.0) == []
+    assert sched.handle(Tick(), 41.0) == [Assign(0, second[1])]  # the stalled block, copied
+    assert sched.speculation_stats.speculated == 1 and sched.next_speculation_check() is None
+    done = sched.handle(BlockDone(0, second[1]), 51.0)  # the copy ends the job (worker 1 is stopped)
+    assert isinstance(done[-1], Finish) and sched.speculation_stats.won == 1

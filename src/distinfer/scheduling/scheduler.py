@@ -28,7 +28,9 @@ be reproduced from a list of events alone, and the same list always yields the s
   its duplicate output is dropped). Spark's defaults (since 4.0): multiplier 3, quantile
   0.9. `speculation_stats` counts blocks speculated, copies that won, and the worker-seconds
   the losers spent. Rates come from the times of the events (`now`): a worker's rows over
-  the seconds from each `BlockStarted` to its `BlockDone`.
+  the seconds from each `BlockStarted` to its `BlockDone`. An idle worker looks again at
+  every `Tick` (a block may have turned late since: its worker stopped), and
+  `next_speculation_check()` says when that can next happen, for a driver that ticks rarely.
 * Workers' life cycle is the `Supervisor`'s (supervisor.py, shared with the server): ready,
   unusable (`WorkerFailed`: stopped at once, replaced unless fatal; a fatal one fails the job
   with its error), lost (replaced), fresh ids (max id ever + 1), at most `max_restarts`
@@ -222,6 +224,7 @@ class Scheduler:
         "_owner",
         "_pending",
         "_per_row",
+        "_per_row_median",
         "_prefetch",
         "_queues",
         "_rows",
@@ -286,6 +289,7 @@ class Scheduler:
         self._began_at: dict[int, float] = {}
         self._busy: dict[int, list[float]] = {}
         self._per_row: list[float] = []
+        self._per_row_median = (0, 0.0)  # (finished blocks it was taken over, the median)
         self._copies: dict[int, tuple[int, float]] = {}  # block -> (copy's worker, its start)
         self._copying: dict[int, int] = {}  # worker -> the block it copies
         self._spec = SpeculationStats()
@@ -482,7 +486,41 @@ class Scheduler:
         return actions
 
     def _on_tick(self, now: float) -> list[Action]:
-        return self._supervise(self._sup.handle(Tick(), now))
+        actions = self._supervise(self._sup.handle(Tick(), now))
+        if self._finished or not self._config.speculation or self._pending:
+            return actions
+        for worker in self._idle_workers():  # a running block may have turned late since
+            self._speculate(worker, actions)
+        return actions
+
+    def _idle_workers(self) -> list[int]:
+        """Ready workers with nothing queued and no copy running."""
+        queues, copying = self._queues, self._copying
+        return [w for w in self._sup.ready_workers if not queues.get(w, True) and w not in copying]
+
+    def _typical_per_row(self) -> float:
+        """The median per-row time of the finished blocks, taken again only once their count
+        grew by 1% (a million-block job asks at every finish of its tail)."""
+        count, median = self._per_row_median
+        if len(self._per_row) > count * 1.01:
+            median = statistics.median(self._per_row)
+            self._per_row_median = (len(self._per_row), median)
+        return median
+
+    def next_speculation_check(self) -> float | None:
+        """When a running block turns late (it has run `speculation_multiplier` times the
+        typical time for its rows), if a worker is idle to copy it then: the time a `Tick`
+        may speculate (a driver ticking often needs none of this; the simulator does). None
+        when no such time is known."""
+        config = self._config
+        if (self._finished or not config.speculation or self._pending or not self._per_row
+                or len(self._done) < config.speculation_quantile * len(self._rows)
+                or not self._idle_workers()):  # fmt: skip
+            return None
+        typical = self._typical_per_row() * config.speculation_multiplier
+        copies, rows, now = self._copies, self._rows, self._clock
+        late = (began + rows[b] * typical for b, began in self._began_at.items() if b not in copies)
+        return min((t for t in late if t > now), default=None)
 
     def _on_block_failed(self, worker: int, block: int, error: ErrorInfo) -> list[Action]:
         if worker not in self._queues or block not in self._rows or block in self._done:
@@ -571,7 +609,7 @@ class Scheduler:
             for block, began in self._began_at.items()
             if block not in self._copies and (owner := self._owner.get(block)) is not None and owner != worker
         ]
-        per_row = statistics.median(self._per_row)
+        per_row = self._typical_per_row()
         block = pick_speculation(running, self._clock, self.worker_rate(worker), per_row,
                                  config.speculation_multiplier)  # fmt: skip
         if block is None:
