@@ -107,15 +107,28 @@ def test_stragglers_lengthen_the_tail_and_stealing_shortens_it() -> None:
     assert no_steal.tail_s > stealing.tail_s
 
 
-def test_speculation_copies_the_block_a_straggler_holds() -> None:
+def test_the_schedulers_speculation_copies_the_block_a_straggler_holds() -> None:
     # 4 workers, one 20x slower; few big blocks: the straggler's block decides the makespan.
     cluster = ClusterSpec((WorkerKind("w", 4, 0.001),), straggler_share=0.25, straggler_factor=20.0, seed=1)
     job = uniform_job(12 * 1000, 1000)
-    base = simulate_job(cluster, job)
-    spec = simulate_job(cluster, JobSpec(**{**_fields(job), "speculate": True}))
+    base = simulate_job(cluster, JobSpec(**{**_fields(job), "speculate": False}))
+    spec = simulate_job(cluster, job)  # on by default, as in `distinfer run`
     assert spec.ok and spec.committed == 12
     assert spec.backups >= 1 and spec.backups_won >= 1
     assert spec.makespan_s < base.makespan_s
+
+
+def test_a_block_frozen_at_the_tail_is_copied_once_it_is_late_and_the_copy_stops_the_original() -> None:
+    # 2 workers, 8 blocks of 1 s; worker 1 is frozen from 2.5 s to 30 s with its block half done
+    cluster = ClusterSpec((WorkerKind("w", 2, 0.01),), faults=(Fault("stop", 1, 2.5, 30.0),))
+    job = uniform_job(800, 100, prefetch=1)
+    off = simulate_job(cluster, JobSpec(**{**_fields(job), "speculate": False}))
+    on = simulate_job(cluster, job)
+    assert off.makespan_s > 30.0 and off.backups == 0  # the job waits for the thaw
+    # worker 0 runs the other blocks until 5 s, when the frozen one (begun at 2 s) has run 3x a
+    # block's typical second: it copies it, done at 6 s; the original, cancelled, ran 4 s for nothing
+    assert on.backups == 1 and on.backups_won == 1 and on.makespan_s == pytest.approx(6.0)
+    assert on.committed == 8 and on.wasted_s == pytest.approx(4.0)
 
 
 def test_the_same_seed_gives_the_same_result_and_another_seed_another() -> None:

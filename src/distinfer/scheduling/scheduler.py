@@ -172,7 +172,7 @@ def pick_speculation(
     for r in running:
         typical = r.rows * per_row_s
         expected = r.rows / r.worker_rate if r.worker_rate else typical
-        late = now - r.started > multiplier * typical
+        late = now - r.started >= multiplier * typical
         if not (late or expected > multiplier * typical):
             continue
         end = r.started + expected
@@ -498,6 +498,12 @@ class Scheduler:
         queues, copying = self._queues, self._copying
         return [w for w in self._sup.ready_workers if not queues.get(w, True) and w not in copying]
 
+    def _quantile_reached(self) -> bool:
+        """Enough blocks timed for speculation: `speculation_quantile` of them, rounded down
+        (Spark's rule: the last of 8 blocks may be copied at 0.9), and at least one."""
+        wanted = max(1, math.floor(self._config.speculation_quantile * len(self._rows)))
+        return bool(self._per_row) and len(self._done) >= wanted
+
     def _typical_per_row(self) -> float:
         """The median per-row time of the finished blocks, taken again only once their count
         grew by 1% (a million-block job asks at every finish of its tail)."""
@@ -513,8 +519,7 @@ class Scheduler:
         may speculate (a driver ticking often needs none of this; the simulator does). None
         when no such time is known."""
         config = self._config
-        if (self._finished or not config.speculation or self._pending or not self._per_row
-                or len(self._done) < config.speculation_quantile * len(self._rows)
+        if (self._finished or not config.speculation or self._pending or not self._quantile_reached()
                 or not self._idle_workers()):  # fmt: skip
             return None
         typical = self._typical_per_row() * config.speculation_multiplier
@@ -601,8 +606,7 @@ class Scheduler:
     def _speculate(self, worker: int, actions: list[Action]) -> None:
         """Give an idle worker a copy of a slow running block (see `pick_speculation`)."""
         config = self._config
-        if (worker in self._copying or not self._per_row
-                or len(self._done) < config.speculation_quantile * len(self._rows)):  # fmt: skip
+        if worker in self._copying or not self._quantile_reached():
             return
         running = [
             Running(block, self._rows[block], began, self.worker_rate(owner))

@@ -39,7 +39,6 @@ class SimWorker:
 
     __slots__ = (
         "alive",
-        "backup",
         "born",
         "busy_s",
         "died",
@@ -62,10 +61,8 @@ class SimWorker:
         self.born = born
         self.died = math.inf
         self.ready_at = math.inf
-        # Blocks delivered and not started; a backup copy (speculation) is stored as ~block.
-        self.local: deque[int] = deque()
+        self.local: deque[int] = deque()  # blocks delivered and not started
         self.running = -1  # the block being computed, -1: idle
-        self.backup = False  # whether the running block is a speculative copy
         self.started_at = 0.0
         self.busy_s = 0.0
 

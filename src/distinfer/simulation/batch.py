@@ -15,13 +15,12 @@ instead of the heap (the common case with no latency, and the fast one).
   `restart_s`), `StopWorker` ends a worker, `Finish` ends the simulation (the makespan).
 * Worker (`_workers.py`): runs its local queue in order, one block at a time; reports
   `BlockStarted` when it begins one and `BlockDone` when it ends; a `Cancel` takes a block
-  out of its local queue unless it is running (then both copies may finish: the first wins).
-* Speculation (`JobSpec.speculate`, an oracle's what-if; `distinfer run` uses the scheduler's
-  own policy from measured rates, scheduler.py, not simulated here): when the scheduler
-  leaves a worker with nothing (nothing pending, nothing to steal), the driver sends it a
-  copy of the running block that would end last, when the copy would end sooner (the
-  simulator knows the true end: the best a speculating driver could do). The copy's
-  `BlockDone` goes to the scheduler like any other; the scheduler takes the first.
+  out of its local queue, or stops it when it is running (as a worker stops at its next
+  micro-batch; a stopped worker hears of it when it resumes).
+* Speculation (`JobSpec.speculate`, on by default as in `distinfer run`): the scheduler's own
+  (scheduler.py): its copies are `Assign`s of a running block, and the loser gets a
+  `Cancel`. The driver ticks when the scheduler says a running block may turn late
+  (`next_speculation_check`) as well as at the supervisor's deadlines.
 
 Not simulated: the data (block descriptors only), the driver's own CPU, contention between
 workers on one node (give it as a kind's per-row cost), and `BlockFailed` (a block's rows
@@ -65,7 +64,7 @@ from distinfer.simulation.spec import ClusterSpec, JobSpec
 __all__ = ["simulate_job"]
 
 # event kinds
-_END, _ASSIGN, _STARTED, _DONE, _READY, _CANCEL, _BACKUP, _KILL, _LOST, _TICK = range(10)
+_END, _ASSIGN, _STARTED, _DONE, _READY, _CANCEL, _KILL, _LOST, _TICK = range(9)
 
 
 def simulate_job(cluster: ClusterSpec, job: JobSpec, *, timeline: bool = False, label: str = "") -> JobResult:
@@ -74,7 +73,7 @@ def simulate_job(cluster: ClusterSpec, job: JobSpec, *, timeline: bool = False, 
 
 
 def _label(job: JobSpec) -> str:
-    return f"stealing {'on' if job.steal else 'off'}" + (", speculation on" if job.speculate else "")
+    return f"stealing {'on' if job.steal else 'off'}, speculation {'on' if job.speculate else 'off'}"
 
 
 class _Simulation:
@@ -95,6 +94,7 @@ class _Simulation:
             max_block_attempts=job.max_block_attempts,
             start_timeout_s=job.start_timeout_s,
             steal=job.steal,
+            speculation=job.speculate,
         )
         first = list(range(len(self.slots)))
         self.sched = Scheduler(dict(enumerate(self.rows)), first, config, now=0.0)
@@ -107,9 +107,6 @@ class _Simulation:
         self.commit_at = array("d", [-1.0]) * len(self.rows)
         self.commits = array("d")
         self.tick_at = math.inf
-        self.running_heap: list[tuple[float, int, int]] | None = None  # speculation: (-end, worker, block)
-        self.backed_up: set[int] = set()
-        self.backup_origin: dict[int, int] = {}  # backed-up block -> the worker running the original
         self.counts = dict.fromkeys(
             (
                 "events",
@@ -118,8 +115,6 @@ class _Simulation:
                 "lost_runs",
                 "duplicates",
                 "steals",
-                "backups",
-                "backups_won",
                 "deaths",
             ),
             0,
@@ -163,14 +158,14 @@ class _Simulation:
                 self.on_done(worker, block, x)
             elif kind == _READY:
                 self.on_ready(worker)
-            elif kind in (_CANCEL, _BACKUP):
+            elif kind == _CANCEL:
                 self.on_order(worker, block, kind)
             elif kind == _KILL:
                 self.on_kill(worker)
             elif kind == _LOST:
                 self.handle(WorkerLost(worker, "killed (simulated)"), worker)
                 self.schedule_tick()
-            elif kind == _TICK:
+            elif kind == _TICK and self.now >= self.tick_at:  # else a later one replaced it
                 self.tick_at = math.inf
                 self.handle(Tick(), -1)
                 self.schedule_tick()
@@ -228,7 +223,7 @@ class _Simulation:
             self.handle(WorkerReady(worker), -1)
 
     def on_order(self, worker: int, block: int, kind: int) -> None:
-        """An Assign, Cancel or backup copy reaches the worker."""
+        """An Assign or a Cancel reaches the worker."""
         sim = self.workers[worker]
         if not sim.alive:
             return
@@ -239,31 +234,32 @@ class _Simulation:
                 return
         if kind == _ASSIGN:
             sim.local.append(block)
-        elif kind == _BACKUP:
-            sim.local.append(~block)
+        elif block == sim.running:  # stopped at its next micro-batch: time spent for nothing
+            run_s = self.now - sim.started_at
+            sim.busy_s += run_s
+            self.wasted_s += run_s
+            if self.timeline is not None:
+                self.timeline.add(sim.id, sim.started_at, self.now, WASTED)
+            sim.running = -1  # its _END event finds it idle and is dropped
         elif block in sim.local:
             sim.local.remove(block)
         if sim.running < 0 and sim.local:
             self.start_next(sim)
 
     def start_next(self, sim: SimWorker) -> None:
-        entry = sim.local.popleft()
-        block = ~entry if entry < 0 else entry
+        block = sim.local.popleft()
         now = self.now
-        sim.running, sim.backup, sim.started_at = block, entry < 0, now
+        sim.running, sim.started_at = block, now
         self.counts["runs"] += 1
         work = self.overhead + self.rows[block] * sim.per_row_s
         end = finish_time(now, work, sim.windows) if sim.windows else now + work
         heapq.heappush(self.heap, (end, next(self.seq), _END, sim.id, block, 0.0))
-        if not sim.backup:
-            self.post(now + self.latency, _STARTED, sim.id, block)
-        if self.running_heap is not None:
-            heapq.heappush(self.running_heap, (-end, sim.id, block))
+        self.post(now + self.latency, _STARTED, sim.id, block)
 
     def on_end(self, worker: int, block: int) -> None:
         sim = self.workers[worker]
         if not sim.alive or sim.running != block:
-            return  # it died meanwhile
+            return  # it died or was cancelled meanwhile
         now = self.now
         sim.busy_s += now - sim.started_at
         sim.running = -1
@@ -278,8 +274,6 @@ class _Simulation:
         if self.commit_at[block] < 0 and self.sched.is_done(block):
             self.commit_at[block] = self.now
             self.commits.append(self.now)
-            if block in self.backed_up and worker != self.backup_origin[block]:
-                self.counts["backups_won"] += 1
             if timeline is not None:
                 timeline.add(worker, end - run_s, end, USEFUL)
         else:
@@ -287,8 +281,7 @@ class _Simulation:
             self.wasted_s += run_s
             if timeline is not None:
                 timeline.add(worker, end - run_s, end, WASTED)
-        if self.job.speculate and self.finish is None:
-            self.speculate(worker)
+        self.schedule_tick()
 
     def on_kill(self, worker: int) -> None:
         sim = self.workers[worker]
@@ -314,47 +307,16 @@ class _Simulation:
             sim.running = -1
 
     def schedule_tick(self) -> None:
-        """A `Tick` at the supervisor's next deadline (the only time one changes anything)."""
-        due = self.sched.supervisor.next_deadline()
+        """A `Tick` at the supervisor's next deadline or when a running block may turn late
+        (the only times one changes anything)."""
+        sched = self.sched
+        due = sched.supervisor.next_deadline()
+        if self.job.speculate:
+            late = sched.next_speculation_check()
+            due = late if due is None or (late is not None and late < due) else due
         if due is not None and self.now < due < self.tick_at:
             self.tick_at = due
             self.post(due, _TICK, -1)
-
-    # --- speculation ------------------------------------------------------------------
-
-    def speculate(self, worker: int) -> None:
-        """Send an idle worker a copy of the running block that would end last (see above)."""
-        sched = self.sched
-        sim = self.workers[worker]
-        if sched.pending_blocks or not sim.alive or sim.running >= 0 or sim.local or sched.queue(worker):
-            return
-        if self.running_heap is None:
-            self.running_heap = [
-                (
-                    -finish_time(w.started_at, self.overhead + self.rows[w.running] * w.per_row_s, w.windows),
-                    w.id,
-                    w.running,
-                )
-                for w in self.workers.values()
-                if w.alive and w.running >= 0
-            ]
-            heapq.heapify(self.running_heap)
-        heap = self.running_heap
-        while heap:
-            negative_end, other, block = heap[0]
-            holder = self.workers[other]
-            if not holder.alive or holder.running != block or sched.is_done(block) or block in self.backed_up:
-                heapq.heappop(heap)
-                continue
-            copy_s = self.overhead + self.rows[block] * sim.per_row_s
-            if self.now + 2 * self.latency + copy_s >= -negative_end:
-                return  # the copy would not end sooner: leave the block to its worker
-            heapq.heappop(heap)
-            self.backed_up.add(block)
-            self.backup_origin[block] = other
-            self.counts["backups"] += 1
-            self.post(self.now + self.latency, _BACKUP, worker, block)
-            return
 
     # --- the report -------------------------------------------------------------------
 
@@ -379,6 +341,7 @@ class _Simulation:
         n = len(commits)
         error = self.finish.error if self.finish is not None else None
         c = self.counts
+        sched_spec = self.sched.speculation_stats
         return JobResult(
             label=self.label,
             ok=error is None,
@@ -401,8 +364,8 @@ class _Simulation:
             duplicate_runs=c["duplicates"],
             wasted_s=self.wasted_s,
             steals=c["steals"],
-            backups=c["backups"],
-            backups_won=c["backups_won"],
+            backups=sched_spec.speculated,
+            backups_won=sched_spec.won,
             deaths=c["deaths"],
             restarts=self.sched.restarts_used,
             scheduler_events=c["events"],

@@ -82,7 +82,7 @@ class JobResult:
     duplicate_runs: int  # finished after another copy was committed
     wasted_s: float
     steals: int
-    backups: int  # speculative copies started (driver-side speculation)
+    backups: int  # speculative copies started (the scheduler's speculation)
     backups_won: int
     deaths: int
     restarts: int

@@ -199,8 +199,8 @@ class JobSpec:
     """Fixed seconds per block on top of its rows' cost."""
     prefetch: int = 2
     steal: bool = True
-    speculate: bool = False
-    """Driver-side speculation (a what-if: `distinfer run` does not do it): see batch.py."""
+    speculate: bool = True
+    """The scheduler's speculation at the tail, as `distinfer run --speculation on` (see batch.py)."""
     max_restarts: int = 3
     max_block_attempts: int = 3
     start_timeout_s: float = 600.0
