@@ -227,7 +227,9 @@ class Scheduler:
         "_per_row_median",
         "_prefetch",
         "_queues",
+        "_row_range_rows",
         "_rows",
+        "_slow",
         "_spec",
         "_started",
         "_steal_heap",
@@ -290,6 +292,8 @@ class Scheduler:
         self._busy: dict[int, list[float]] = {}
         self._per_row: list[float] = []
         self._per_row_median = (0, 0.0)  # (finished blocks it was taken over, the median)
+        self._slow: set[int] = set()  # workers whose measured rate makes their blocks slow
+        self._row_range_rows = (min(self._rows.values(), default=0), max(self._rows.values(), default=0))
         self._copies: dict[int, tuple[int, float]] = {}  # block -> (copy's worker, its start)
         self._copying: dict[int, int] = {}  # worker -> the block it copies
         self._spec = SpeculationStats()
@@ -397,6 +401,7 @@ class Scheduler:
         if isinstance(event, BlockStarted):
             if self._owner.get(event.block) == event.worker:
                 self._started.add(event.block)
+                self._began_at.pop(event.block, None)  # kept in start order: the oldest first
                 self._began_at[event.block] = now
             # Otherwise the block was stolen or reassigned from this worker: ignore.
             return []
@@ -489,8 +494,13 @@ class Scheduler:
         actions = self._supervise(self._sup.handle(Tick(), now))
         if self._finished or not self._config.speculation or self._pending:
             return actions
-        for worker in self._idle_workers():  # a running block may have turned late since
-            self._speculate(worker, actions)
+        idle = self._idle_workers()  # a running block may have turned late since
+        if idle and self._quantile_reached():
+            candidates = self._may_be_slow(-1, self._typical_per_row())  # looked up once a tick
+            for worker in idle:
+                if not candidates:
+                    break
+                self._speculate(worker, actions, candidates)
         return actions
 
     def _idle_workers(self) -> list[int]:
@@ -511,7 +521,32 @@ class Scheduler:
         if len(self._per_row) > count * 1.01:
             median = statistics.median(self._per_row)
             self._per_row_median = (len(self._per_row), median)
+            for worker in self._busy:
+                self._mark_slow(worker, median)
         return median
+
+    def _may_be_slow(self, worker: int, typical: float) -> list[Running]:
+        """The running blocks (not `worker`'s, not copied) that `pick_speculation` could pick:
+        those begun long enough ago to be late (`_began_at` is in start order, so they come
+        first) and those of workers measured slow; a superset of its choices, found without
+        looking at every running block of a large job."""
+        m = self._config.speculation_multiplier
+        horizon = self._clock - m * typical * self._row_range_rows[0]
+        found: dict[int, float] = {}
+        for block, began in self._began_at.items():
+            if began > horizon:
+                break
+            found[block] = began
+        for slow in self._slow:
+            queue = self._queues.get(slow)
+            started = self._began_at.get(queue[0]) if queue else None
+            if queue and started is not None:
+                found[queue[0]] = started
+        return [
+            Running(block, self._rows[block], began, self.worker_rate(owner))
+            for block, began in found.items()
+            if block not in self._copies and (owner := self._owner.get(block)) is not None and owner != worker
+        ]
 
     def next_speculation_check(self) -> float | None:
         """When a running block turns late (it has run `speculation_multiplier` times the
@@ -519,13 +554,18 @@ class Scheduler:
         may speculate (a driver ticking often needs none of this; the simulator does). None
         when no such time is known."""
         config = self._config
-        if (self._finished or not config.speculation or self._pending or not self._quantile_reached()
-                or not self._idle_workers()):  # fmt: skip
+        if self._finished or not config.speculation or self._pending or not self._quantile_reached():
             return None
         typical = self._typical_per_row() * config.speculation_multiplier
-        copies, rows, now = self._copies, self._rows, self._clock
-        late = (began + rows[b] * typical for b, began in self._began_at.items() if b not in copies)
-        return min((t for t in late if t > now), default=None)
+        copies, rows, now, fewest = self._copies, self._rows, self._clock, self._row_range_rows[0]
+        best = math.inf
+        for block, began in self._began_at.items():  # oldest first: stop once none can be sooner
+            if began + fewest * typical >= best:
+                break
+            t = began + rows[block] * typical
+            if now < t < best and block not in copies:
+                best = t
+        return best if best < math.inf else None
 
     def _on_block_failed(self, worker: int, block: int, error: ErrorInfo) -> list[Action]:
         if worker not in self._queues or block not in self._rows or block in self._done:
@@ -602,22 +642,35 @@ class Scheduler:
         books[0] += rows
         books[1] += seconds
         self._per_row.append(seconds / rows)
+        _, typical = self._per_row_median
+        if typical > 0:
+            self._mark_slow(worker, typical)
 
-    def _speculate(self, worker: int, actions: list[Action]) -> None:
-        """Give an idle worker a copy of a slow running block (see `pick_speculation`)."""
+    def _mark_slow(self, worker: int, typical: float) -> None:
+        """`worker` is slow when its blocks take over `speculation_multiplier` times the typical time."""
+        rows, seconds = self._busy.get(worker, (0.0, 0.0))
+        if rows and seconds > rows * typical * self._config.speculation_multiplier:
+            self._slow.add(worker)
+        else:
+            self._slow.discard(worker)
+
+    def _speculate(self, worker: int, actions: list[Action], candidates: list[Running] | None = None) -> None:
+        """Give an idle worker a copy of a slow running block (see `pick_speculation`), chosen
+        among `candidates` when given (the block chosen is taken out of them)."""
         config = self._config
         if worker in self._copying or not self._quantile_reached():
             return
-        running = [
-            Running(block, self._rows[block], began, self.worker_rate(owner))
-            for block, began in self._began_at.items()
-            if block not in self._copies and (owner := self._owner.get(block)) is not None and owner != worker
-        ]
         per_row = self._typical_per_row()
+        if candidates is None:
+            running = self._may_be_slow(worker, per_row)
+        else:
+            running = [c for c in candidates if self._owner.get(c.block) != worker]
         block = pick_speculation(running, self._clock, self.worker_rate(worker), per_row,
                                  config.speculation_multiplier)  # fmt: skip
         if block is None:
             return
+        if candidates is not None:
+            candidates[:] = [c for c in candidates if c.block != block]
         self._copies[block] = (worker, self._clock)
         self._copying[worker] = block
         self._spec.speculated += 1

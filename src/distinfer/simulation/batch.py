@@ -281,7 +281,8 @@ class _Simulation:
             self.wasted_s += run_s
             if timeline is not None:
                 timeline.add(worker, end - run_s, end, WASTED)
-        self.schedule_tick()
+        if self.job.speculate and self.finish is None:
+            self.schedule_tick(deadlines=False)
 
     def on_kill(self, worker: int) -> None:
         sim = self.workers[worker]
@@ -306,11 +307,11 @@ class _Simulation:
                 self.timeline.add(sim.id, sim.started_at, now, LOST)
             sim.running = -1
 
-    def schedule_tick(self) -> None:
-        """A `Tick` at the supervisor's next deadline or when a running block may turn late
-        (the only times one changes anything)."""
+    def schedule_tick(self, deadlines: bool = True) -> None:
+        """A `Tick` at the supervisor's next deadline (unless `deadlines` is False: they have
+        not moved) or when a running block may turn late (the only times one changes anything)."""
         sched = self.sched
-        due = sched.supervisor.next_deadline()
+        due = sched.supervisor.next_deadline() if deadlines else None
         if self.job.speculate:
             late = sched.next_speculation_check()
             due = late if due is None or (late is not None and late < due) else due
