@@ -260,6 +260,14 @@ def test_a_cluster_sums_its_nodes_and_runs_the_best_count_on_each_kind(tmp_path:
     assert "64" not in text.splitlines()[0] and "2/node on small" in text
     data = plans_json(plans, _profile(), cluster, Workload(rows=1_000_000))
     assert json.loads(json.dumps(data))["plans"][0]["per_node"] == {"small": 2, "fast": 2}
+    # on Ray each block is an actor call: 1,024 rows at 90 rows/s (x1.5 on the fast kind) plus 2 x 0.5 s
+    slow_calls = _profile(links=Links(ray_latency_s=0.5, ray_bytes_per_s=1e9))
+    called = _top(make_plans(slow_calls, cluster, Workload(rows=1_000_000, block_size=1024)))
+    replica = {speed: 1024 / (1024 / (speed * 90.0) + 1.0) for speed in (1.0, 1.5)}
+    assert called.rows_per_s == pytest.approx(96 * replica[1.0] + 32 * replica[1.5])
+    # ... but not on this machine, where workers are local processes
+    local = _top(make_plans(slow_calls, _local(), Workload(rows=1000)))
+    assert local.rows_per_s == _top(make_plans(_profile(), _local(), Workload(rows=1000))).rows_per_s
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -7,10 +7,15 @@
   Two ranks, each one spawned process with one thread, time all-reduces of a small and a
   large tensor; the cost model's ring formula for `k` ranks, `2 (k-1) l + 2 (k-1)/k a / w`,
   is `2 l + a / w` for two, which gives the latency `l` and the bandwidth `w`.
+- Ray's object store, when Ray is installed: in a child process that starts a one-node Ray
+  instance, an actor call that takes a small and then a large array put in the store and
+  answers its size, timed the same way (`2 l + a / w`): what a worker's block call costs on
+  the Ray backend, and what an activation would cost between actors.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import shutil
 import time
@@ -18,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import DistinferError
+from ..logs import log
 from ..planning.profiles import Links
 
 __all__ = ["measure_links"]
@@ -34,10 +40,12 @@ def measure_links() -> Links:
         gloo = _allreduce("gloo")
     except (OSError, EOFError, RuntimeError) as exc:  # TimeoutError is an OSError
         raise DistinferError(f"profiling the links between processes failed: {exc}") from exc
+    ray = _ray_object_store()
     return Links(
         shm_latency_s=latency, shm_bytes_per_s=bandwidth,
         allreduce_latency_s=shm[0], allreduce_bytes_per_s=shm[1],
         gloo_allreduce_latency_s=gloo[0], gloo_allreduce_bytes_per_s=gloo[1],
+        ray_latency_s=ray[0], ray_bytes_per_s=ray[1],
     )  # fmt: skip
 
 
@@ -133,5 +141,65 @@ def _rank(plan: tuple[Any, ...], rank: int, conn: Connection) -> None:
             comm.all_reduce(t)
         times.append((time.perf_counter() - start) / repeats)
     comm.release()
+    conn.send(times)
+    conn.close()
+
+
+def _ray_object_store() -> tuple[float, float]:
+    """(latency l, bandwidth w) of an actor call through Ray's object store, from `2 l + a / w`;
+    (0, 0) when Ray is not installed or cannot start here (the plan then shows no Ray link)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return 0.0, 0.0
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_ray_probe, args=(child,), daemon=False)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(_TIMEOUT_S):
+            log.info("the Ray object store probe gave no answer in %g s", _TIMEOUT_S)
+            return 0.0, 0.0
+        small, large = parent.recv()
+    except EOFError:
+        return 0.0, 0.0
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if small <= 0 or large <= small:
+        return 0.0, 0.0
+    return small / 2, (LARGE_BYTES - SMALL_BYTES) / (large - small)
+
+
+def _ray_probe(conn: Connection) -> None:
+    times = (0.0, 0.0)
+    try:
+        import numpy as np
+        import ray
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)  # a Ray of its own, even beside a cluster
+
+        @ray.remote(num_cpus=0)
+        class _Sink:
+            def size(self, array: Any) -> int:
+                return int(array.nbytes)
+
+        sink = _Sink.remote()  # type: ignore[attr-defined]
+        measured = []
+        for nbytes, repeats in ((SMALL_BYTES, 100), (LARGE_BYTES, 20)):
+            data = np.ones(nbytes, dtype=np.uint8)
+            for _ in range(3):
+                ray.get(sink.size.remote(ray.put(data)))
+            start = time.perf_counter()
+            for _ in range(repeats):
+                ray.get(sink.size.remote(ray.put(data)))
+            measured.append((time.perf_counter() - start) / repeats)
+        times = (measured[0], measured[1])
+        ray.shutdown()
+    except Exception as exc:  # no Ray here: the profile goes on without this link
+        log.info("no Ray object store figure: %s", exc)
     conn.send(times)
     conn.close()

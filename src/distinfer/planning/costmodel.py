@@ -187,6 +187,14 @@ def _scaled_layers(profile: Profile, batch_size: int) -> list[LayerCost]:
     ]
 
 
+def with_calls(rows_per_s: float, block_rows: int, call_s: float) -> float:
+    """A replica's rows/s when each block of `block_rows` also costs `call_s` to hand out and
+    answer (an actor call on Ray: twice the object store's measured latency)."""
+    if call_s <= 0 or rows_per_s <= 0 or block_rows <= 0:
+        return rows_per_s
+    return block_rows / (block_rows / rows_per_s + call_s)
+
+
 def estimate_data(profile: Profile, replicas: int, threads: int, batch_size: int, cores: int) -> Estimate:
     kappa = contention(profile, replicas, threads, cores, batch_size)
     rate = single_rate(profile, threads, batch_size) * kappa

@@ -158,4 +158,6 @@ def _links(profile: Profile) -> str:
                 if ln.gloo_allreduce_bytes_per_s else "")  # fmt: skip
         shm = link(ln.allreduce_latency_s, ln.allreduce_bytes_per_s)
         parts.append(f"all-reduce of 2 ranks: shared memory {shm}{gloo}")
+    if ln.ray_bytes_per_s:
+        parts.append(f"Ray object store {link(ln.ray_latency_s, ln.ray_bytes_per_s)}")
     return f"links: {'; '.join(parts)}" if parts else ""

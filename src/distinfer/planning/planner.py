@@ -43,6 +43,7 @@ from distinfer.planning.costmodel import (
     estimate_data,
     estimate_pipeline,
     estimate_tensor,
+    with_calls,
 )
 from distinfer.planning.cuts import LayerCost, min_stages_for_memory
 from distinfer.planning.profiles import Profile
@@ -208,9 +209,11 @@ def _combine(
         best = [max(opts, key=lambda o: (not o[2], o[0] * o[1].rows_per_s)) for opts in per_kind.values()]
         choices = [best]
     plans = []
+    # a described cluster runs on Ray: each block is an actor call through its object store
+    call_s = 0.0 if cluster.local else 2 * profile.links.ray_latency_s
     for choice in choices:
         rate = sum(
-            n.count * n.speed * r * est.rows_per_s
+            n.count * r * with_calls(n.speed * est.rows_per_s, work.block_size, call_s)
             for n, (r, est, _) in zip(cluster.nodes, choice, strict=True)
         )
         replicas = sum(n.count * r for n, (r, _, _) in zip(cluster.nodes, choice, strict=True))

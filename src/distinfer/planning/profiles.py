@@ -54,6 +54,9 @@ class Links:
     # ... and through gloo over loopback TCP (`--tensor-comm gloo`), for comparison
     gloo_allreduce_latency_s: float = 0.0
     gloo_allreduce_bytes_per_s: float = 0.0
+    # an actor call through Ray's object store, on one node (0: Ray not installed here)
+    ray_latency_s: float = 0.0
+    ray_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
