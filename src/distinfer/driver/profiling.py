@@ -170,6 +170,7 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
             one_pass(first, 1, out_dir)  # first-call costs
             startup = time.time() - spawned
             rows = req.rows
+            sizing = not rows  # the first measuring process: it also measures the sample's length
             if not rows and req.generation is not None:  # every measured count running at once
                 rows = min(req.sample, max(req.batch_sizes))
             if not rows:
@@ -196,8 +197,10 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
                     passes += 1
                 timed[b] = passes * rows / (time.perf_counter() - start)
             rates = [(b, timed[b if b in timed else min(b, rows)]) for b in req.batch_sizes]
-            inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
-            length = padded_length(runner.prepare(inputs, min(LENGTH_BATCH, rows)).batches)
+            length = 0  # the later processes' would be the same: only the first reads it
+            if sizing:
+                inputs = concat_columns([read_inputs(source, b, binding) for b in blocks])
+                length = padded_length(runner.prepare(inputs, min(LENGTH_BATCH, rows)).batches)
         if group is not None:
             group.close()  # its rank processes end before this one answers
         conn.send(("done", rates, peak_rss(), sum(tokens) / len(tokens) if tokens else 0.0, length))

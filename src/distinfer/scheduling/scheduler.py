@@ -219,6 +219,7 @@ class Scheduler:
         "_done",
         "_done_rows",
         "_error",
+        "_fewest_rows",
         "_finished",
         "_order",
         "_owner",
@@ -227,7 +228,6 @@ class Scheduler:
         "_per_row_median",
         "_prefetch",
         "_queues",
-        "_row_range_rows",
         "_rows",
         "_slow",
         "_spec",
@@ -293,7 +293,7 @@ class Scheduler:
         self._per_row: list[float] = []
         self._per_row_median = (0, 0.0)  # (finished blocks it was taken over, the median)
         self._slow: set[int] = set()  # workers whose measured rate makes their blocks slow
-        self._row_range_rows = (min(self._rows.values(), default=0), max(self._rows.values(), default=0))
+        self._fewest_rows = min(self._rows.values(), default=0)  # the smallest block can turn late first
         self._copies: dict[int, tuple[int, float]] = {}  # block -> (copy's worker, its start)
         self._copying: dict[int, int] = {}  # worker -> the block it copies
         self._spec = SpeculationStats()
@@ -531,7 +531,7 @@ class Scheduler:
         first) and those of workers measured slow; a superset of its choices, found without
         looking at every running block of a large job."""
         m = self._config.speculation_multiplier
-        horizon = self._clock - m * typical * self._row_range_rows[0]
+        horizon = self._clock - m * typical * self._fewest_rows
         found: dict[int, float] = {}
         for block, began in self._began_at.items():
             if began > horizon:
@@ -557,7 +557,7 @@ class Scheduler:
         if self._finished or not config.speculation or self._pending or not self._quantile_reached():
             return None
         typical = self._typical_per_row() * config.speculation_multiplier
-        copies, rows, now, fewest = self._copies, self._rows, self._clock, self._row_range_rows[0]
+        copies, rows, now, fewest = self._copies, self._rows, self._clock, self._fewest_rows
         best = math.inf
         for block, began in self._began_at.items():  # oldest first: stop once none can be sooner
             if began + fewest * typical >= best:
