@@ -116,9 +116,13 @@ def _allreduce(comm: str) -> tuple[float, float]:
                 proc.kill()
         if store_dir:
             shutil.rmtree(store_dir, ignore_errors=True)
-    latency = max(small, 0.0) / 2
-    bandwidth = (LARGE_BYTES - SMALL_BYTES) / max(large - small, 1e-9)
-    return latency, bandwidth
+    return _two_points(max(small, 0.0), max(large, small + 1e-9))
+
+
+def _two_points(small: float, large: float) -> tuple[float, float]:
+    """(l, w) from the times of a SMALL_BYTES and a LARGE_BYTES exchange, `t = 2 l + a / w`
+    (the small one's bytes taken as nothing next to its latency)."""
+    return small / 2, (LARGE_BYTES - SMALL_BYTES) / (large - small)
 
 
 def _rank(plan: tuple[Any, ...], rank: int, conn: Connection) -> None:
@@ -170,7 +174,7 @@ def _ray_object_store() -> tuple[float, float]:
             proc.kill()
     if small <= 0 or large <= small:
         return 0.0, 0.0
-    return small / 2, (LARGE_BYTES - SMALL_BYTES) / (large - small)
+    return _two_points(small, large)
 
 
 def _ray_probe(conn: Connection) -> None:
