@@ -32,7 +32,7 @@ def _run_parser(sub: Any) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="job file (.toml/.yaml) with these options; flags override it")
     p.add_argument("--model", "-m", help="built-in model (minilm, decoder-SIZE, gemma3-270m), an .onnx file, a TorchScript/.pt2 file, package.module:factory, or a text-generation model: a .gguf file or a Hugging Face model directory (Gemma 3, Llama, Mistral, Qwen2)")
-    p.add_argument("--input", "-i", help="input file: .txt (a row per line), .jsonl, .csv, .parquet, .npy")
+    p.add_argument("--input", "-i", help="input file: .txt (a row per line), .jsonl, .csv, .parquet, .npy; or images: a directory (its .jpg/.jpeg/.png/.webp/... files, subdirectories included) or a quoted glob such as 'photos/**/*.jpg'")
     p.add_argument("--output", "-o", metavar="DIR", help="output directory (Parquet data set, _manifest.json, _report.json)")
     p.add_argument("--workers", "--replicas", "-w", dest="workers", type=int, help="replicas (default 2): worker processes, or pipelines / tensor-parallel groups with --strategy pipeline/tensor")
     p.add_argument("--threads-per-worker", type=int, help="threads per process (default: the cores divided among all worker, stage or rank processes)")
@@ -40,13 +40,14 @@ def _run_parser(sub: Any) -> None:
     p.add_argument("--block-size", type=int, help="rows per block, the unit of scheduling and of output files (default 1024)")
     p.add_argument("--min-block-size", type=int, help="rows in the first and last blocks, so results start fast and the tail balances (default: batch size)")
     p.add_argument("--column", "--field", dest="column", help="input column/field to feed the model (default: 'text', the only column, or the columns named like the model inputs)")
-    p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy"], help="input format when the file suffix does not tell")
+    p.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet", "npy", "images"], help="input format when the file suffix does not tell; images: a text file listing image paths, one per line")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output in DIR")
     p.add_argument("--max-bad-rows", metavar="N|P%", help="rows that may fail (unreadable, rejected by the model's preprocessing, or raising in the forward pass) and be set aside: N rows, or P%% of the input's rows. Each goes to DIR/_errors/ (Parquet: row, stage, error_type, message, input) and every other row is computed; the job fails when more fail. Default 0: the first bad row fails the job, naming it")
     p.add_argument("--speculation", choices=["on", "off"], help="at the job's tail, an idle worker runs a copy of a block whose worker is much slower than the others; the first copy to finish commits (default on)")
     p.add_argument("--retry-bad-rows", action="store_true", help="when resuming, compute the rows set aside by the earlier run again (by default they stay set aside)")
     _layout_args(p)
     _generation_args(p, job=True)
+    _image_args(p)
     p.add_argument("--start-timeout", dest="start_timeout_s", type=float, help="fail the job when no worker is ready for this many seconds; a replacement worker still loading after this long is stopped and replaced (default 600)")
     p.add_argument("--max-restarts", type=int, help="replacement workers allowed over the job (default 3)")
     p.add_argument("--prefetch", type=int, help="blocks queued per worker, including the running one (default 2)")
@@ -88,6 +89,20 @@ def _generation_args(p: Any, job: bool) -> None:
     g.add_argument("--max-running", type=int, help="sequences a replica advances together, continuous batching (default 32)")
     g.add_argument("--kv-cache-memory", help="KV cache of one replica, all its stages or ranks together, e.g. 512MiB (default 1GiB); when full, sequences are preempted and recomputed later")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default float32; GGUF weights are dequantised to it)")
+
+
+def _image_args(p: Any) -> None:
+    g = p.add_argument_group("images (an image directory or glob as --input, or a column of image bytes or paths)",
+                             "Each image is decoded, converted to RGB, its shorter side resized, the centre cropped, "
+                             "pixels scaled to [0, 1] and normalised, (x - mean) / std, in the workers. A built-in "
+                             "vision model (efficientnet-lite0) brings its own settings; these flags override them.")
+    g.add_argument("--image-size", metavar="N|HxW", help="the model's input size (default: from the model's input shape, else 224)")
+    g.add_argument("--resize", type=int, metavar="PIXELS", help="the shorter side before the centre crop (default: image size / 0.875, e.g. 256 for 224)")
+    g.add_argument("--crop", choices=["center", "none"], help="center (default): cut the image size out of the middle; none: scale the whole image to the image size, aspect ratio not kept")
+    g.add_argument("--mean", metavar="M|R,G,B", help="subtracted per channel from pixels in [0, 1] (default ImageNet's 0.485,0.456,0.406)")
+    g.add_argument("--std", metavar="S|R,G,B", help="divides per channel after the mean (default ImageNet's 0.229,0.224,0.225)")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="tensor layout (default: from the model's input shape, else NCHW)")
+    g.add_argument("--jpeg-draft", choices=["on", "off"], help="on (default): let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale before resizing (faster, slightly different pixels); off: decode every pixel")
 
 
 def _cuts(text: str) -> tuple[int, ...]:
@@ -288,8 +303,9 @@ def _cmd_run(args: dict[str, Any]) -> int:
     options.setdefault("progress", None)  # the CLI draws a bar on a terminal; the API does not
     if "stop" in args:
         args["stop"] = tuple(args["stop"])
-    if "speculation" in args:
-        args["speculation"] = args["speculation"] == "on"
+    for flag in ("speculation", "jpeg_draft"):
+        if flag in args:
+            args[flag] = args[flag] == "on"
     options.update(args)
     report = run(**options)  # keywords: an option given by name, --strategy auto among them, is known
     print(report.summary(), file=sys.stderr)

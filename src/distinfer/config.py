@@ -10,12 +10,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import tomllib
 
 from .errors import ConfigError
 from .messages import BackendName, Device, Strategy, TensorComm, sampling_problem
+
+if TYPE_CHECKING:
+    from .models.images import ImageOptions
 
 __all__ = ["RunConfig", "load_job_file"]
 
@@ -72,6 +75,15 @@ class RunConfig:
     max_running: int = 32
     kv_cache_memory: str = "1GiB"
     dtype: str = "float32"
+    # image rows (an image directory or glob, a column of image bytes or paths): models/images.py;
+    # None: the model family's own preprocessing, the model's input shape, or the defaults there
+    image_size: int | str | tuple[int, int] | None = None  # 224, "224x320" (height x width)
+    resize: int | None = None  # the shorter side before the centre crop (default: size / 0.875)
+    crop: str | None = None  # "center" (default) or "none": the whole image scaled to image_size
+    mean: float | str | tuple[float, ...] | None = None  # per RGB channel, of pixels scaled to [0, 1]
+    std: float | str | tuple[float, ...] | None = None
+    layout: str | None = None  # "NCHW" or "NHWC" (default: the model input's shape, else NCHW)
+    jpeg_draft: bool = True  # JPEG: decode at a reduced scale when much larger than needed
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -129,6 +141,34 @@ class RunConfig:
             raise ConfigError(f"speculation must be true or false (--speculation on|off), "
                               f"got {self.speculation!r}")
         self._check_generation()
+        self.image_options()
+
+    @property
+    def images_given(self) -> bool:
+        """Whether an image option was given (so a column of paths holds images)."""
+        return any(v is not None for v in (self.image_size, self.resize, self.crop, self.mean, self.std,
+                                           self.layout))
+
+    def image_options(self) -> ImageOptions:
+        """The image options given, checked (unset fields None)."""
+        from .models.images import ImageOptions
+
+        size = _pair(self.image_size, "--image-size")
+        if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
+                                        or self.resize < 1):
+            raise ConfigError(f"--resize must be a whole number of pixels >= 1, got {self.resize!r}")
+        if self.crop not in (None, "center", "none"):
+            raise ConfigError(f"--crop must be center or none, got {self.crop!r}")
+        if self.crop == "none" and self.resize is not None:
+            raise ConfigError("--resize sets the shorter side before a centre crop; --crop none scales "
+                              "the whole image to --image-size instead, so leave one of them out")
+        if self.layout not in (None, "NCHW", "NHWC"):
+            raise ConfigError(f"--layout must be NCHW or NHWC, got {self.layout!r}")
+        std = _triple(self.std, "--std")
+        if std is not None and min(std) <= 0:
+            raise ConfigError(f"--std must be > 0 for every channel, got {self.std!r}")
+        return ImageOptions(size, self.resize, self.crop, _triple(self.mean, "--mean"), std,  # type: ignore[arg-type]
+                            self.layout, bool(self.jpeg_draft))  # type: ignore[arg-type]
 
     def bad_row_limit(self, rows: int) -> int:
         """--max-bad-rows for an input of `rows` rows: N, or P% of `rows` rounded down."""
@@ -205,6 +245,38 @@ class RunConfig:
 
     def with_options(self, **changes: Any) -> RunConfig:
         return replace(self, **changes)
+
+
+def _pair(value: Any, flag: str) -> tuple[int, int] | None:
+    """224 or "224" → (224, 224); "224x320" or [224, 320] → (224, 320) (height, width)."""
+    if value is None:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else str(value).lower().split("x")
+    try:
+        pair = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        pair = []
+    if len(pair) == 1:
+        pair *= 2
+    if len(pair) != 2 or min(pair) < 1 or isinstance(value, bool):
+        raise ConfigError(f"{flag} must be N or HxW in pixels (e.g. 224 or 224x320), got {value!r}")
+    return pair[0], pair[1]
+
+
+def _triple(value: Any, flag: str) -> tuple[float, float, float] | None:
+    """0.5 → (0.5, 0.5, 0.5); "0.485,0.456,0.406" or a list of 3 → per RGB channel."""
+    if value is None:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        numbers = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) == 1:
+        numbers *= 3
+    if len(numbers) != 3 or isinstance(value, bool):
+        raise ConfigError(f"{flag} takes one number or three (R,G,B), e.g. 0.485,0.456,0.406; got {value!r}")
+    return numbers[0], numbers[1], numbers[2]
 
 
 def load_job_file(path: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .data.blocks import Block
     from .data.sources import SourceSpec
     from .models.family import ModelSpec
+    from .models.images import ImageOptions
 
 __all__ = [
     "KV_PAGE_TOKENS",
@@ -189,6 +190,8 @@ class WorkerSpec:
     stage_options: dict[str, Any] = field(default_factory=dict)  # ray: what each stage actor asks for
     serving: bool = False  # warm the model up and describe its inputs and outputs before ready
     max_bad_rows: int = 0  # rows a block may set aside (quarantine); 0: a bad row fails the block
+    images: ImageOptions | None = None  # the rows are images, decoded so (models/images.py)
+    keep: tuple[str, ...] = ()  # input columns written next to the outputs (an image's path)
 
 
 # --- events: worker or backend -> driver -> scheduler --------------------------------------

@@ -377,10 +377,10 @@ def test_npy_errors(tmp_path: Path, content: bytes | None, match: str) -> None:
 def test_open_source_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"input file '.*x\.jsonl' does not exist; check --input"):
         open_source(str(tmp_path / "x.jsonl"))
-    with pytest.raises(InputError, match=r"input '.*' is a directory"):
+    with pytest.raises(InputError, match=r"input directory '.*' holds no image files .*; give an input file, or a directory or glob of images"):
         open_source(str(tmp_path))
     with pytest.raises(InputError, match=r"data\.log' has an unknown suffix '\.log'; name its "
-                       r"format with --input-format \(text, jsonl, csv, parquet, npy\)"):
+                       r"format with --input-format \(text, jsonl, csv, parquet, npy, images\)"):
         open_source(write(tmp_path / "data.log", "a\n"))
     with pytest.raises(ConfigError, match=r"--input-format 'xml' is unknown"):
         open_source(str(tmp_path / "data.log"), "xml")

@@ -144,7 +144,8 @@ def _arrow_numeric(array: Any, rows: npt.NDArray[Any], field: str, where: Where)
 
 
 def arrow_column(array: Any, field: str, where: Where) -> Column:
-    """A pyarrow (chunked) array → list[str] for strings, else a stacked numpy array."""
+    """A pyarrow (chunked) array → list[str] for strings, an object array of bytes for binary
+    values (images), else a stacked numpy array."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if pa.types.is_dictionary(array.type):
@@ -157,4 +158,11 @@ def arrow_column(array: Any, field: str, where: Where) -> Column:
                              "fill or drop the missing values")
         strings: list[str] = array.to_pylist()
         return strings
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):  # image files' bytes
+        if array.null_count:
+            bad = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"{where(bad)} field '{field}' is null; fill or drop the missing values")
+        blobs = np.empty(len(array), dtype=object)
+        blobs[:] = array.to_pylist()
+        return blobs
     return _arrow_numeric(array, np.arange(len(array)), field, where)  # type: ignore[no-any-return]

@@ -74,6 +74,10 @@ def _open_text(path: str) -> Opened:
     return ("text",), count_records(path, quoted=False)[0], ()
 
 
+def _open_listing(path: str) -> Opened:
+    return ("path",), count_records(path, quoted=False)[0], ()
+
+
 def _open_jsonl(path: str) -> Opened:
     rows = count_records(path, quoted=False)[0]
     with locate(path).open() as f:
@@ -234,7 +238,7 @@ def _npy_header(path: str) -> NpyLayout:
 
 OPENERS: dict[str, Callable[[str], Opened]] = {
     "text": _open_text, "jsonl": _open_jsonl, "csv": _open_csv,
-    "parquet": _open_parquet, "npy": _open_npy,
+    "parquet": _open_parquet, "npy": _open_npy, "images": _open_listing,
 }
 
 
@@ -263,7 +267,7 @@ def _read_text(spec: SourceSpec, block: Block, columns: list[str], where: _Rows)
         except UnicodeDecodeError:
             raise InputError(f"{where(i)} is not valid UTF-8 text; "
                              "re-encode the file as UTF-8") from None
-    return {"text": texts} if columns else {}
+    return {spec.columns[0]: texts} if columns else {}
 
 
 def _read_jsonl(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) -> dict[str, Column]:
@@ -348,7 +352,7 @@ def _read_npy(spec: SourceSpec, block: Block, columns: list[str], where: _Rows) 
 
 _READERS: dict[str, Callable[[SourceSpec, Block, list[str], _Rows], dict[str, Column]]] = {
     "text": _read_text, "jsonl": _read_jsonl, "csv": _read_csv,
-    "parquet": _read_parquet, "npy": _read_npy,
+    "parquet": _read_parquet, "npy": _read_npy, "images": _read_text,  # a listing: a path per line
 }
 
 
@@ -369,7 +373,7 @@ def read_rows(
 def raw_row(spec: SourceSpec, block: Block, row: int) -> str:
     """A line format's raw line of absolute row `row` (undecodable bytes replaced), for the
     record of a bad row; "" for other formats."""
-    if spec.format not in ("text", "jsonl"):
+    if spec.format not in ("text", "jsonl", "images"):
         return ""
     line = _lines(spec, block)[row - block.start]
     return line.removesuffix(b"\r").decode("utf-8", errors="replace")

@@ -42,6 +42,8 @@ def describe_row(spec: SourceSpec, row: int) -> str:
     CSV records are counted 1-based after the header; a line number would be wrong as soon as
     a quoted field holds a newline.
     """
+    if spec.format == "images":  # the row's path is in its error's message
+        return f"image {row}"
     if spec.format in ("text", "jsonl"):
         return f"{name_of(spec.path)} line {row + 1}"
     if spec.format == "csv":

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distinfer.data._listing import LISTING
 from distinfer.data._storage import Location, join_location, locate, normalize_location
 from distinfer.data._storage import reason as _reason
 from distinfer.data.blocks import Block
@@ -211,7 +212,7 @@ def remove_temp_parts(out_dir: str) -> None:
 
 
 def _ours(name: str) -> bool:
-    return name in (MANIFEST, REPORT, ERRORS) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
+    return name in (MANIFEST, REPORT, ERRORS, LISTING) or bool(_PART.fullmatch(name) or _TEMP.fullmatch(name))
 
 
 def _error_parts(out: Location) -> list[str]:

@@ -11,12 +11,15 @@ with its package installed): workers on other machines read their blocks from it
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import os
 from collections.abc import Collection, Sequence
 
 from distinfer.data._columns import Column
 from distinfer.data._formats import OPENERS, group_bounds, raw_row, read_rows
+from distinfer.data._listing import is_image_input, list_images
 from distinfer.data._scan import record_offsets
 from distinfer.data._spec import SourceSpec, changed, describe_row, name_of
 from distinfer.data._storage import Stat, is_url, locate, normalize_location
@@ -29,13 +32,14 @@ __all__ = [
     "SourceSpec",
     "check_columns",
     "describe_row",
+    "open_images",
     "open_source",
     "plan_blocks",
     "raw_row",
     "read_block",
 ]
 
-FORMATS = ("text", "jsonl", "csv", "parquet", "npy")
+FORMATS = ("text", "jsonl", "csv", "parquet", "npy", "images")
 _SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
              ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
 
@@ -44,6 +48,8 @@ def open_source(path: str, format: str | None = None) -> SourceSpec:
     """Check `path`, detect or check its format, and count its rows by streaming."""
     if format is not None and format not in FORMATS:
         raise ConfigError(f"--input-format '{format}' is unknown; use one of {', '.join(FORMATS)}")
+    if format is None and is_image_input(path):
+        return open_images(path)[0]
     full = normalize_location(path)
     try:
         info = locate(full).stat()
@@ -65,6 +71,21 @@ def open_source(path: str, format: str | None = None) -> SourceSpec:
         raise InputError(f"input file '{path}' cannot be read ({_reason(exc)}); "
                          "check its permissions") from None
     return SourceSpec(full, format, columns, rows, info.size, info.mtime_ns, numeric, info.version)
+
+
+def open_images(path: str) -> tuple[SourceSpec, int]:
+    """An image directory or glob (see `_listing`), listed into a temporary file removed when
+    this process exits: the source reading that listing, and the files skipped (not images
+    by their suffix)."""
+    tmp, listed, skipped = list_images(path)
+    atexit.register(_remove_quietly, tmp)
+    info = os.stat(tmp)
+    return SourceSpec(tmp, "images", ("path",), listed, info.st_size, info.st_mtime_ns), skipped
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _stat(spec: SourceSpec) -> Stat:

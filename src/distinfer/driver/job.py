@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from .. import messages as msg
 from ..backends import Backend, make_backend
 from ..config import RunConfig
 from ..data.blocks import Block
 from ..data.sink import REPORT, first_errors, normalize_location, prepare_output, remove_temp_parts, save_json
-from ..data.sources import SourceSpec, open_source, plan_blocks
+from ..data.sources import plan_blocks
 from ..errors import ConfigError, ErrorInfo, InputError, JobFailedError, WorkersNotReadyError
 from ..models.families import parse_model
 from ..models.family import ModelSpec
@@ -43,6 +43,7 @@ from ..scheduling import (
     WorkerLost,
     WorkerReady,
 )
+from .inputs import JobInput, image_options, open_input
 from .layout import plan_layout
 
 __all__ = ["run_job"]
@@ -52,11 +53,15 @@ _REASONS = 3  # bad rows' reasons kept for the summary and a failure's message
 
 
 def _job_identity(
-    config: RunConfig, model: ModelSpec, source: SourceSpec, blocks: list[Block]
+    config: RunConfig, spec: msg.WorkerSpec, input: JobInput, blocks: list[Block]
 ) -> dict[str, object]:
     plan = hashlib.sha256(repr([(b.start, b.stop) for b in blocks]).encode()).hexdigest()[:16]
+    source = input.source
+    images = {} if spec.images is None else {"image_options": asdict(spec.images)}
     return {
-        **model.identity(),
+        **spec.model.identity(),
+        **({"images": input.images} if input.images else {}),
+        **images,
         "input": source.path,
         "input_format": source.format,
         "input_size": source.size_bytes,
@@ -96,24 +101,27 @@ class _Job:
             config = config.with_options(block_size=4 * config.max_running,
                                          min_block_size=config.min_block_size or config.max_running)
         self.config = config
-        self.source = open_source(config.input, config.input_format)
+        self.output_dir = normalize_location(config.output)
+        self.input = open_input(config, self.output_dir)
+        self.source = self.input.source
         if config.column is not None and config.column not in self.source.columns:
             raise InputError(
                 f"input '{config.input}' has no column '{config.column}' "
                 f"(available: {', '.join(self.source.columns)}); pick one with --column"
             )
-        self.output_dir = normalize_location(config.output)
         layout = plan_layout(config, model)
         self.spec = msg.WorkerSpec(
             model, self.source, config.column, self.output_dir, config.batch_size, config.threads,
             config.device, layout.strategy, layout.stages, layout.ranks,
             tensor_comm=config.tensor_comm, stage_slot_bytes=layout.slot_bytes,
             max_bad_rows=config.bad_row_limit(self.source.num_rows),
+            images=image_options(config, model, self.source),
+            keep=("path",) if self.source.format == "images" else (),
         )
         self.backend_factory = backend_factory
         self.report = JobReport(
-            self.output_dir, model.name, self.source.path, config.backend, config.workers,
-            config.threads, rows_total=self.source.num_rows,
+            self.output_dir, model.name, self.input.images or self.source.path, config.backend,
+            config.workers, config.threads, rows_total=self.source.num_rows,
             baseline_throughput=config.baseline_throughput,
         )
         self.stats: dict[int, WorkerStats] = {}
@@ -128,11 +136,13 @@ class _Job:
             for w in workers:
                 self.stats[w] = WorkerStats(w)
                 backend.start(w)
-            blocks = plan_blocks(self.source, self.config.block_size or 1024, self.config.first_block_size)
+            blocks = plan_blocks(self.input.planned, self.config.block_size or 1024,
+                                 self.config.first_block_size)
             self.blocks = {b.id: b for b in blocks}
-            identity = _job_identity(self.config, self.spec.model, self.source, blocks)
+            identity = _job_identity(self.config, self.spec, self.input, blocks)
             self.manifest = prepare_output(self.output_dir, identity, blocks, self.config.overwrite,
                                            self.config.retry_bad_rows)
+            self.input.place()
             todo = {b.id: b.rows for b in blocks if b.id not in self.manifest.committed}
             self.report.blocks = len(blocks)
             self.report.rows_resumed = sum(self.manifest.committed.values())

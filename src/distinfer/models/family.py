@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ..messages import GenerationOptions, Strategy, TensorInfo
     from ..planning.cuts import LayerCost
     from .base import Runner
+    from .images import ImageOptions
     from .staged import Preparer, StagedModel
 
 __all__ = ["ModelFamily", "ModelSpec", "RankModel", "Schema", "ShardedForm"]
@@ -115,6 +116,8 @@ class ModelFamily(ABC):
 
     #: whether its job is text generation (`--task generate`, models/llm/)
     generates: ClassVar[bool] = False
+    #: whether its rows are images (paths or bytes), decoded in the workers (models/images.py)
+    takes_images: ClassVar[bool] = False
     #: whether its rows are token sequences, so that `layer_costs` depends on their length
     #: (the built-in transformers)
     has_tokens: ClassVar[bool] = False
@@ -179,6 +182,11 @@ class ModelFamily(ABC):
     def schema(self, spec: ModelSpec) -> Schema:
         """Inputs and outputs known before loading (default: known only once it runs)."""
         return Schema(None, None)
+
+    def image_defaults(self, spec: ModelSpec) -> ImageOptions | None:
+        """The model's own image preprocessing (size, resize, mean, std, ...), which the
+        job's image options override field by field; None: the generic defaults."""
+        return None
 
     def serving_problem(self, spec: ModelSpec, strategy: Strategy) -> str | None:
         """Why the server cannot serve the model with `strategy` (it must know each input's

@@ -59,6 +59,8 @@ _WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps
 #: A test hook: "W:F" makes worker W run its blocks F times slower (it sleeps F - 1 times each
 #: block's time before writing it), for the tests and benchmarks of speculation.
 SLOW_WORKER_ENV = "DISTINFER_TEST_SLOW_WORKER"
+#: the prefix a kept column (`WorkerSpec.keep`) is read under, apart from the model's inputs
+_KEEP = "\0keep:"
 
 
 def _slowdown(worker: int) -> float:
@@ -84,6 +86,11 @@ def read_inputs(source: SourceSpec, block: Block, binding: Mapping[str, str]) ->
     """Read a block's bound columns once each, keyed by the model input they feed."""
     columns = read_block(source, block, list(dict.fromkeys(binding.values())))
     return {name: columns[col] for name, col in binding.items()}
+
+
+def _model_inputs(read: Mapping[str, Column]) -> dict[str, Column]:
+    """The columns read for the model, without the kept ones."""
+    return {name: column for name, column in read.items() if not name.startswith(_KEEP)}
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -189,27 +196,49 @@ class Replica:
         assert source is not None, "a serving replica runs no blocks"
         if self.spec.max_bad_rows > 0:
             with too_many_named(source, block):
-                kept, inputs, bad = self._read_quarantined(block)
+                kept, read, bad = self._read_quarantined(block)
+                inputs = _model_inputs(read)
                 t = timer.add("read", t)
                 with rows_named(source, block, kept):
                     isolated = run_isolating(self.runner, inputs, self.spec.batch_size, timer,
                                              self.spec.max_bad_rows - len(bad), cancelled)
             bad += self._bad_rows(source, block, kept, inputs, isolated.bad)
             rows = kept[isolated.rows] if len(kept) else kept
-            return self._commit(block, isolated.outputs, timer, self.runner.generation_stats(), rows, bad,
-                                cancelled)
-        inputs = read_inputs(source, block, self.binding)
+            outputs = self._with_kept(isolated.outputs, read, isolated.rows)
+            return self._commit(block, outputs, timer, self.runner.generation_stats(), rows, bad, cancelled)
+        read = read_inputs(source, block, self._reads)
         t = timer.add("read", t)
         with rows_named(source, block):
-            outputs = run_block(self.runner, inputs, self.spec.batch_size, timer, cancelled)
+            outputs = run_block(self.runner, _model_inputs(read), self.spec.batch_size, timer, cancelled)
+        outputs = self._with_kept(outputs, read)
         return self._commit(block, outputs, timer, self.runner.generation_stats(), cancelled=cancelled)
+
+    @property
+    def _reads(self) -> dict[str, str]:
+        """The columns a block reads, keyed by what they feed: the model inputs (`binding`),
+        and the kept columns written next to the outputs (under their own names, prefixed)."""
+        return {**self.binding, **{_KEEP + c: c for c in self.spec.keep}}
+
+    def _with_kept(self, outputs: Mapping[str, np.ndarray], read: Mapping[str, Column],
+                   rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """`outputs` and the kept input columns (of the rows `rows` of those `read`, all by default)."""
+        kept = {}
+        for column in self.spec.keep:
+            if column in outputs:
+                raise ModelError(f"model output '{column}' has the name of the input column written "
+                                 "next to the outputs; rename that output")
+            values = np.empty(len(read[_KEEP + column]), dtype=object)
+            values[:] = list(read[_KEEP + column])
+            kept[column] = values if rows is None else values[rows]
+        return {**kept, **outputs}
 
     def _read_quarantined(self, block: Block) -> tuple[np.ndarray, dict[str, Column], list[BadRow]]:
         """The block's readable rows (absolute), their inputs, and the unreadable rows."""
         assert self.spec.source is not None
-        wanted = list(dict.fromkeys(self.binding.values()))
+        reads = self._reads
+        wanted = list(dict.fromkeys(reads.values()))
         columns, kept, bad = read_isolating(self.spec.source, block, wanted, self.spec.max_bad_rows)
-        inputs = {name: columns[col] for name, col in self.binding.items()}
+        inputs = {name: columns[col] for name, col in reads.items()}
         return block.start + np.asarray(kept, dtype=np.int64), inputs, bad
 
     @staticmethod
@@ -262,7 +291,8 @@ class Replica:
         t = time.perf_counter()
         if self.spec.max_bad_rows > 0:
             with too_many_named(source, block):
-                kept, inputs, bad = self._read_quarantined(block)
+                kept, read, bad = self._read_quarantined(block)
+                inputs = _model_inputs(read)
                 t = timer.add("read", t)
                 with rows_named(source, block, kept):
                     isolator = Isolator(self.runner, inputs, self.spec.batch_size,
@@ -367,6 +397,8 @@ def describe_rows(source: SourceSpec, rows: Sequence[int]) -> str:
     """Where input rows are, for messages: "data.npy row 137", "data.txt rows 130-137, 141
     (lines 131-138, 142)": 0-based rows (as in the output's `row` column), and the 1-based
     lines or CSV records of a text file."""
+    if source.format == "images":  # the listing is ours: its rows are images (the message names the file)
+        return f"image {name_rows(rows)}"
     file = name_of(source.path)
     unit = {"text": "line", "jsonl": "line", "csv": "record"}.get(source.format)
     where = f"{file} {name_rows(rows)}"
@@ -400,6 +432,16 @@ def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
 
 
 def _load(spec: WorkerSpec) -> Runner:
+    """The model (`_load_model`), behind image decoding when its rows are images."""
+    runner = _load_model(spec)
+    if spec.images is None:
+        return runner
+    from ..models.images import ImageRunner
+
+    return ImageRunner(runner, spec.images)
+
+
+def _load_model(spec: WorkerSpec) -> Runner:
     """The whole model (data parallel), a pipeline of stages, or a tensor-parallel group."""
     if spec.model.generation is not None:  # a generation job: the engine with its executor
         from .generation import load_generation_runner
