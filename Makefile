@@ -8,8 +8,9 @@ CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 WORKERS ?= 2
 DEMO_OUT ?= demo-output
+DEMO_IMAGES_OUT ?= demo-images-output
 
-.PHONY: demo test lint typecheck bench install install-dev clean
+.PHONY: demo demo-images test lint typecheck bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,15 @@ demo: $(VENV)/.installed
 	$(BIN)/python -c "import pyarrow.dataset as ds; t = ds.dataset('$(DEMO_OUT)').to_table(); \
 		print(f'{t.num_rows} embeddings of width', t.schema.field('embedding').type.list_size, 'in $(DEMO_OUT)/')"
 
+# Classifies the photographs bundled in examples/images/ (sources and licences in its
+# LICENSES.md) with the built-in efficientnet-lite0 and prints each one's top ImageNet class.
+demo-images: $(VENV)/.installed
+	$(BIN)/distinfer run --model efficientnet-lite0 --input examples/images/ \
+		--output $(DEMO_IMAGES_OUT) --workers $(WORKERS) --overwrite
+	$(BIN)/python -c "import os, pyarrow.dataset as ds; t = ds.dataset('$(DEMO_IMAGES_OUT)').to_table().sort_by('path'); \
+		[print(f'{os.path.relpath(p):36s} {l[0]} ({q[0]:.0%})') for p, l, q in \
+		 zip(t['path'].to_pylist(), t['top5_labels'].to_pylist(), t['top5_probs'].to_pylist())]"
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check --no-cache src tests benchmarks
 
@@ -53,6 +63,8 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/parallel_strategies.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/images.py
+	$(BIN)/python benchmarks/keras_predict.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_IMAGES_OUT) .pytest_cache .mypy_cache .ruff_cache

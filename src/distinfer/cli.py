@@ -357,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_simulate(args)
         from .models.families import FAMILIES
 
+        width = max(len(family.name) for family in FAMILIES)
         for family in FAMILIES:
-            print(f"{family.name:10s} {family.summary}")
+            print(f"{family.name:{width}s} {family.summary}")
         return 0
     except KeyboardInterrupt:
         print("distinfer: interrupted; run the same command again to resume", file=sys.stderr)

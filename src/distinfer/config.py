@@ -10,15 +10,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import tomllib
 
 from .errors import ConfigError
-from .messages import BackendName, Device, Strategy, TensorComm, sampling_problem
-
-if TYPE_CHECKING:
-    from .models.images import ImageOptions
+from .messages import BackendName, Device, ImageOptions, Strategy, TensorComm, sampling_problem
 
 __all__ = ["RunConfig", "load_job_file"]
 
@@ -151,8 +148,6 @@ class RunConfig:
 
     def image_options(self) -> ImageOptions:
         """The image options given, checked (unset fields None)."""
-        from .models.images import ImageOptions
-
         size = _pair(self.image_size, "--image-size")
         if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
                                         or self.resize < 1):

@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -80,6 +81,16 @@ def _worker_main(worker: int, spec: WorkerSpec, conn: Connection, slot: Synchron
         _serve(worker, spec, conn, entered, slot)
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the driver stopped or went away: nothing left to report to
+    if spec.strategy == "data":
+        # Done: every part it wrote is renamed into place. The interpreter's teardown does
+        # nothing a finished worker needs and takes long with some libraries loaded (about a
+        # second with TensorFlow), which the driver would wait for. A pipeline or tensor group
+        # exits normally, so that multiprocessing ends its stage and rank processes.
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
 
 
 def _clear(slot: Synchronized[int], block: int) -> None:

@@ -28,8 +28,8 @@ from ..errors import ConfigError, OutputError
 from ..logs import log
 
 if TYPE_CHECKING:
+    from ..messages import ImageOptions
     from ..models.family import ModelSpec
-    from ..models.images import ImageOptions
 
 __all__ = ["JobInput", "image_options", "open_input"]
 
@@ -68,7 +68,8 @@ def open_input(config: RunConfig, output_dir: str) -> JobInput:
                 return JobInput(open_source(kept, "images"), images)
     fresh, skipped = open_images(config.input)
     if skipped:
-        log.info("%s: %d files without an image suffix left out", config.input, skipped)
+        log.info("%s: %d file%s without an image suffix left out", config.input, skipped,
+                 "" if skipped == 1 else "s")
     return JobInput(replace(fresh, path=kept), images, fresh.path)
 
 

@@ -152,6 +152,10 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
 
             group = TensorParallelRunner(spec, ranks, threads)
         runner: Runner = group or load_runner(spec, threads)
+        if source.format == "images" or spec.family.takes_images:  # decoded as a job's workers do
+            from ..models.images import ImageOptions, ImageRunner
+
+            runner = ImageRunner(runner, ImageOptions().over(spec.family.image_defaults(spec)))
         binding = runner.bind(source.columns, req.column)
         tokens: list[float] = []  # generation: the mean tokens generated per row, each pass
 

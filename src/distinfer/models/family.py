@@ -31,10 +31,9 @@ from ..errors import ModelError
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..messages import GenerationOptions, Strategy, TensorInfo
+    from ..messages import GenerationOptions, ImageOptions, Strategy, TensorInfo
     from ..planning.cuts import LayerCost
     from .base import Runner
-    from .images import ImageOptions
     from .staged import Preparer, StagedModel
 
 __all__ = ["ModelFamily", "ModelSpec", "RankModel", "Schema", "ShardedForm"]

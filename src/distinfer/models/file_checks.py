@@ -12,13 +12,15 @@ programs that torch loads without pickle's code execution.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import zipfile
 from pathlib import Path
 
 from ..errors import ModelError
 
-__all__ = ["check_gguf", "check_onnx", "check_safetensors", "check_torch_file"]
+__all__ = ["check_gguf", "check_keras_file", "check_onnx", "check_safetensors", "check_saved_model",
+           "check_torch_file"]
 
 _PICKLE = (b"\x80", b"(", b"]", b"}")  # how pickle streams start (protocol 2+, or 0/1)
 
@@ -112,3 +114,41 @@ def check_safetensors(path: Path) -> None:
     if 8 + length + end > size:
         raise ModelError(f"{path}: truncated: its tensors need {8 + length + end:,} bytes, the file has "
                          f"{size:,}; download or copy it again")
+
+
+def check_keras_file(path: Path) -> None:
+    """A Keras 3 `.keras` archive: a zip holding `config.json` (the weights load in the worker)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if head == b"\x89HDF":
+            raise ModelError(f"{path}: an HDF5 file (Keras 2's .h5 format), not a Keras 3 archive; load it "
+                             "with Keras and save it again as .keras (model.save('model.keras'))")
+        why = "a zip archive cut short" if head[:2] == b"PK" else "not a zip archive"
+        raise ModelError(f"{path}: not a Keras 3 model file ({why}); save it with model.save('model.keras') "
+                         "or copy it again")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if "config.json" not in names:
+        raise ModelError(f"{path}: a zip archive without config.json, not a Keras 3 model file; save it "
+                         "with model.save('model.keras')")
+
+
+def check_saved_model(path: Path) -> None:
+    """A TensorFlow SavedModel directory whose graph may hold a `serving_default` signature.
+
+    The signature's name is searched for in `saved_model.pb`'s bytes (without TensorFlow, which
+    the driver does not import): absent, the model has no such signature; present, the worker
+    still checks that it is one."""
+    graph = path / "saved_model.pb"
+    if not graph.is_file():
+        graph = path / "saved_model.pbtxt"
+    size = graph.stat().st_size
+    if size == 0:
+        raise ModelError(f"{graph}: an empty file; the SavedModel may be cut short: export or copy it again")
+    with graph.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        found = data.find(b"serving_default") >= 0
+    if not found:
+        raise ModelError(f"{path}: a SavedModel without a 'serving_default' signature, which distinfer "
+                         "calls; export it with model.export(dir) (Keras 3) or tf.saved_model.save(obj, dir, "
+                         "signatures=...)")

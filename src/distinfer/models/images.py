@@ -18,69 +18,17 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from ..errors import ModelError, ModelInputError
+from ..messages import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, Layout
 from .base import Batches, Column, Runner, TensorInfo, never
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageOptions", "ImageRunner", "Layout", "decode_image", "normalise",
 ]  # fmt: skip
-
-Layout = Literal["NCHW", "NHWC"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: the usual ratio of the crop to the shorter side it is cut from (224 out of 256)
-CROP_RATIO = 0.875
-
-
-@dataclass(frozen=True, slots=True)
-class ImageOptions:
-    """How image rows become model tensors. None: not given (a family's default, the model's
-    input shape, or the defaults in `resolved`).
-
-    `size` is the tensor's (height, width). With `crop` "center" the image's shorter side is
-    first scaled to `resize` (default: size / 0.875, so 256 for 224) and the centre cut out;
-    with "none" the whole image is scaled to `size` (its aspect ratio not kept). Pixels are
-    scaled to [0, 1], then `(x - mean) / std` per RGB channel. `base` is the folder relative
-    paths in a column are taken from (the input file's)."""
-
-    size: tuple[int, int] | None = None
-    resize: int | None = None
-    crop: Literal["center", "none"] | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    layout: Layout | None = None
-    draft: bool = True
-    base: str = ""
-
-    def over(self, defaults: ImageOptions | None) -> ImageOptions:
-        """These options, with what they leave unset taken from `defaults`."""
-        if defaults is None:
-            return self
-        given = {f: getattr(self, f) for f in ("size", "resize", "crop", "mean", "std", "layout")
-                 if getattr(self, f) is not None}
-        return replace(defaults, **given, draft=self.draft, base=self.base or defaults.base)
-
-    def resolved(self, shape: Sequence[int] | None) -> ImageOptions:
-        """Every field set: the size and layout read from the model input's `shape` (rows
-        first, -1 where any size goes) when not given, else 224 x 224, NCHW."""
-        layout, size = self.layout, self.size
-        if shape is not None and len(shape) == 4:
-            if layout is None:
-                layout = "NHWC" if shape[3] == 3 and shape[1] != 3 else "NCHW"
-            hw = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
-            if size is None and hw[0] > 0 and hw[1] > 0:
-                size = (int(hw[0]), int(hw[1]))
-        size = size or (224, 224)
-        crop = self.crop or "center"
-        resize = self.resize or round(min(size) / CROP_RATIO)
-        return replace(self, size=size, resize=resize, crop=crop, layout=layout or "NCHW",
-                       mean=self.mean or IMAGENET_MEAN, std=self.std or IMAGENET_STD)
-
 
 def _pil() -> Any:
     try:

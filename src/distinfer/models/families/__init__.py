@@ -10,15 +10,17 @@ from __future__ import annotations
 from ...errors import ModelError
 from ..base import Runner
 from ..family import ModelFamily, ModelSpec
-from . import decoder, llm, minilm, onnx_file, pytorch
+from . import decoder, efficientnet, keras, llm, minilm, onnx_file, pytorch
 
 __all__ = ["FAMILIES", "load_runner", "parse_model", "register"]
 
 #: in the order names are tried: the file and factory families last, as they take any path
 FAMILIES: list[ModelFamily] = [
     minilm.FAMILY,
+    efficientnet.FAMILY,
     decoder.FAMILY,
     llm.FAMILY,
+    keras.FAMILY,
     onnx_file.FAMILY,
     pytorch.FAMILY,
 ]
