@@ -12,7 +12,8 @@ Contenders, each in a fresh process, one after another, in one run:
   D  `distinfer run --model efficientnet-lite0 --input DIR --workers 2` (1 thread each)
   Dx the same with --jpeg-draft off (every pixel decoded), to show what draft mode saves
   R  Ray Data: `read_images(DIR, mode="RGB")` + `map_batches(Classifier, concurrency=2,
-     num_cpus=1, batch_size=64)` (an actor pool of the same size) + `write_parquet`; the
+     num_cpus=0.5, batch_size=64)` (an actor pool of the same size; with num_cpus=1 the
+     actors hold both CPUs and the read tasks never run) + `write_parquet`; the
      classifier resizes, crops and normalises as distinfer does and runs distinfer's same
      efficientnet-lite0 runner, so only the engines differ
 Targets: D >= 1.5 x R over the whole command, and D's throughput once started
@@ -103,7 +104,9 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 t_init = time.perf_counter() - t0
 t1 = time.time()
 ds = ray.data.read_images(sys.argv[1], mode="RGB")
-ds = ds.map_batches(Classifier, concurrency=2, num_cpus=1, batch_size=64)
+# num_cpus=0.5: with 1 CPU each the two actors would hold both CPUs Ray was given, and
+# read_images' decoding tasks would never be scheduled (the job hangs)
+ds = ds.map_batches(Classifier, concurrency=2, num_cpus=0.5, batch_size=64)
 ds.write_parquet(sys.argv[2])
 t_end = time.time()
 done = ray.data.read_parquet(sys.argv[2])
@@ -154,10 +157,12 @@ def make_jpegs(folder: Path, count: int) -> None:
 
 
 def run_json(code: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  ({json.dumps(result)})", flush=True)
+    return result
 
 
 def run_distinfer(folder: Path, out: Path, *extra: str) -> dict:
@@ -171,6 +176,8 @@ def run_distinfer(folder: Path, out: Path, *extra: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"distinfer failed:\n{proc.stderr[-3000:]}")
     report = json.loads((out / "_report.json").read_text())
+    summary = [line for line in proc.stderr.splitlines() if " rows in " in line]
+    print(f"  ({summary[0] if summary else 'no summary'})", flush=True)
     workers = report["worker_stats"]
     busy = sum(sum(v for k, v in w["seconds"].items() if k != "idle") for w in workers)
     pre = sum(w["seconds"].get("preprocess", 0.0) for w in workers)
