@@ -44,6 +44,7 @@ from ..messages import (
     WorkerMessage,
     WorkerSpec,
 )
+from ..worker.process import set_worker_environment
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ def _serve_text(text: TextServing, conn: Connection) -> None:
 class LocalBackend(Backend):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
+        set_worker_environment()  # glibc reads it when the spawned workers start
         self._ctx = mp.get_context("spawn")
         self._procs: dict[int, BaseProcess] = {}
         self._conns: dict[int, Connection] = {}

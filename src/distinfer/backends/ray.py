@@ -41,6 +41,7 @@ from ..messages import (
     WorkerReady,
     WorkerSpec,
 )
+from ..worker.process import worker_environment
 from .base import Backend
 
 __all__ = ["RayBackend", "RayOptions", "ReplicaActor"]
@@ -195,6 +196,7 @@ class RayBackend(Backend):
         self._actor_class = remote.options(
             num_cpus=options.cpus, num_gpus=options.gpus, resources=options.resources or None,
             max_restarts=0, max_task_retries=0, max_concurrency=_concurrency(spec),
+            runtime_env={"env_vars": worker_environment()},
         )
         self._actors: dict[int, Any] = {}
         self._refs: dict[Any, tuple[int, str]] = {}  # in-flight call -> (worker, what)

@@ -50,6 +50,7 @@ from ..logs import log
 from ..messages import GenerationOptions
 from ..planning.cluster import this_machine
 from ..planning.profiles import Profile, Rate, machine_key, profile_path
+from ..worker.process import set_worker_environment
 from .links import measure_links
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ def _measure(
     sample's padded tokens per row (0: not a text model). `ranks`
     > 1: one tensor-parallel group of that many ranks (rank 0 starts the others, so it is
     not a daemon; it ends them before it answers)."""
+    set_worker_environment()  # measured as workers run
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(processes):
@@ -303,6 +305,7 @@ def _layers_child(conn: Connection, req: ProfileRequest) -> None:
 def _layers(req: ProfileRequest) -> tuple[list[Any], list[Any], list[Any]]:
     """The layers at `layer_batch` rows, each layer's seconds at a batch of 1, and (a text
     model) at `layer_batch` rows of each of `LAYER_SEQ_LENS` tokens."""
+    set_worker_environment()  # measured as workers run
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_layers_child, args=(child, req), daemon=True)
