@@ -7,8 +7,10 @@ quality 90), as phone or web photos come: larger than the model's 224 x 224.
 Contenders, each in a fresh process, one after another, in one run:
   P  one process, all cores: distinfer's own decoding and model (`ImageRunner` around the
      efficientnet-lite0 runner, torch on 2 threads) in a plain loop over the listing
-  W  one worker (1 thread): the same loop on 1 thread over the first 400 images, the
-     per-worker throughput of the ideal `2 x W`
+  P+ P with the glibc malloc settings distinfer's workers run with (worker/process.py:
+     MALLOC_ENV; without them most of the model's time goes to mapping fresh pages)
+  W  one worker (1 thread): the same loop on 1 thread over the first 400 images, with the
+     workers' malloc settings: the per-worker throughput of the ideal `2 x W`
   W2 two copies of W at once: what this machine gives two independent single-thread
      processes (shared caches and memory bandwidth), the ideal's reachable part
   D  `distinfer run --model efficientnet-lite0 --input DIR --workers 2` (1 thread each)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -160,8 +163,16 @@ def make_jpegs(folder: Path, count: int) -> None:
         image.save(folder / f"photo-{i:05d}.jpg", quality=90)
 
 
-def run_json(code: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800)
+def worker_env() -> dict[str, str]:
+    """The environment a distinfer worker process runs with (glibc malloc settings)."""
+    from distinfer.worker.process import worker_environment
+
+    return {**os.environ, **worker_environment()}
+
+
+def run_json(code: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800,
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{proc.stderr[-3000:]}")
     result: dict = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,8 +183,8 @@ def run_json(code: str, *args: str) -> dict:
 def run_two(code: str, *args: str) -> float:
     """Two copies of a one-process run at once: the sum of their rates, what this machine gives
     two independent processes (shared caches, memory bandwidth, clocks)."""
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True,
+                              env=worker_env()) for _ in range(2)]
     rates = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1])["steady"] for p in procs]
     print(f"  (two at once: {rates})", flush=True)
     return float(sum(rates))
@@ -212,7 +223,8 @@ def main() -> int:
         listing.write_text("\n".join(str(p) for p in sorted(folder.glob("*.jpg"))) + "\n")
         mb = sum(p.stat().st_size for p in folder.glob("*.jpg")) / 1e6
         p = run_json(ONE_PROCESS, str(listing), str(n), "2", "decode")
-        w = run_json(ONE_PROCESS, str(listing), str(min(n, 400)), "1")
+        pw = run_json(ONE_PROCESS, str(listing), str(n), "2", env=worker_env())
+        w = run_json(ONE_PROCESS, str(listing), str(min(n, 400)), "1", env=worker_env())
         w2 = run_two(ONE_PROCESS, str(listing), str(min(n, 400)), "1")
         d = run_distinfer(folder, Path(tmp) / "d")
         dx = run_distinfer(folder, Path(tmp) / "dx", "--jpeg-draft", "off")
@@ -221,6 +233,8 @@ def main() -> int:
           "2 cores")
     print(f"P one process, 2 threads        : {p['steady']:6.1f} images/s (model loaded); whole command "
           f"{p['command_s']:.1f} s")
+    print(f"P+ the same, workers' malloc    : {pw['steady']:6.1f} images/s (model loaded); whole command "
+          f"{pw['command_s']:.1f} s")
     print(f"W one worker, 1 thread          : {w['steady']:6.1f} images/s "
           f"(ideal for 2: {2 * w['steady']:.1f})")
     print(f"W2 two such processes at once   : {w2:6.1f} images/s together "
