@@ -20,6 +20,8 @@ Contenders, each in a fresh process, one after another, in one run:
      actors hold both CPUs and the read tasks never run) + `write_parquet`; the
      classifier resizes, crops and normalises as distinfer does and runs distinfer's same
      efficientnet-lite0 runner, so only the engines differ
+  R+ R with the workers' malloc settings in every Ray worker (`runtime_env` env_vars), to
+     tell the engines apart from the allocator
 Targets: D >= 1.5 x R over the whole command, and D's throughput once started
 >= 0.95 x 2 x W. Also reported: the share of D's worker time spent decoding and
 preprocessing (the report's "preprocess"), and P's decode time per image with and
@@ -107,7 +109,8 @@ class Classifier:
         n = len(pixels)
         return {"top5_ids": out["top5_ids"], "start": np.full(n, start), "end": np.full(n, time.time())}
 
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+env = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
 t_init = time.perf_counter() - t0
 t1 = time.time()
 ds = ray.data.read_images(sys.argv[1], mode="RGB")
@@ -229,6 +232,9 @@ def main() -> int:
         d = run_distinfer(folder, Path(tmp) / "d")
         dx = run_distinfer(folder, Path(tmp) / "dx", "--jpeg-draft", "off")
         r = run_json(RAY_DATA, str(folder), str(Path(tmp) / "ray"))
+        from distinfer.worker.process import worker_environment
+
+        rw = run_json(RAY_DATA, str(folder), str(Path(tmp) / "ray2"), json.dumps(worker_environment()))
     print(f"{n} JPEGs ({mb:.0f} MB; longest side {', '.join(map(str, SIZES))} px), efficientnet-lite0, "
           "2 cores")
     print(f"P one process, 2 threads        : {p['steady']:6.1f} images/s (model loaded); whole command "
@@ -245,6 +251,8 @@ def main() -> int:
           f"{dx['command_s']:.1f} s")
     print(f"R Ray Data, actor pool of 2     : {r['steady']:6.1f} images/s once started; ray.init "
           f"{r['init_s']:.1f} s; whole command {r['command_s']:.1f} s ({n / r['command_s']:.1f} images/s)")
+    print(f"R+ Ray Data, workers' malloc    : {rw['steady']:6.1f} images/s once started; whole command "
+          f"{rw['command_s']:.1f} s ({n / rw['command_s']:.1f} images/s)")
     print(f"  decoding + preprocessing: {d['preprocess_share']:.0%} of D's worker time "
           f"({dx['preprocess_share']:.0%} with draft off); "
           f"decode per image {p['decode_ms_draft_True']:.1f} ms "
@@ -254,6 +262,7 @@ def main() -> int:
     ok_ray, ok_scaling = over_ray >= 1.5, scaling >= 0.95
     print(f"  D / R over the whole command >= 1.5: {over_ray:.2f}  {'met' if ok_ray else 'MISSED'}")
     print(f"  D once started / (2 x W) >= 0.95: {scaling:.2f}  {'met' if ok_scaling else 'MISSED'}")
+    print(f"  D / R+ over the whole command: {rw['command_s'] / d['command_s']:.2f}")
     print(f"  D once started / W2: {d['steady'] / w2:.2f}")
     print(f"  D / P (once started): {d['steady'] / p['steady']:.2f}")
     return 0 if ok_ray and ok_scaling else 1
