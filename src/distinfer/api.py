@@ -129,7 +129,23 @@ def bench(
     input_format: str | None = None,
 ) -> float:
     """Single-worker throughput (rows/s) of `model` on the first `rows` rows of `input`,
-    in this process with `threads` threads: the baseline for the scaling efficiency."""
+    with `threads` threads: the baseline for the scaling efficiency. Measured in a fresh
+    process started as the job's workers are (their malloc settings, `worker/process.py`)."""
+    import multiprocessing as mp
+
+    from .worker.process import set_worker_environment
+
+    set_worker_environment()
+    with mp.get_context("spawn").Pool(1) as pool:
+        rate: float = pool.apply(_bench, (model, input, rows, threads, batch_size, column, input_format))
+    return rate
+
+
+def _bench(
+    model: str, input: str, rows: int, threads: int, batch_size: int, column: str | None,
+    input_format: str | None,
+) -> float:
+    """`bench`, in the measuring process."""
     from .data.sources import open_source, plan_blocks
     from .models.base import StageTimer, run_block
     from .models.families import load_runner, parse_model
@@ -140,6 +156,11 @@ def bench(
     spec = parse_model(model)
     source = open_source(input, input_format)
     runner = load_runner(spec, threads)
+    if source.format == "images" or spec.family.takes_images:  # decoded as a job's workers do
+        from .messages import ImageOptions
+        from .models.images import ImageRunner
+
+        runner = ImageRunner(runner, ImageOptions().over(spec.family.image_defaults(spec)))
     binding = runner.bind(source.columns, column)
     blocks = plan_blocks(source, max(rows, 1), max(rows, 1))
     if not blocks:
