@@ -9,7 +9,8 @@ Contenders, each in a fresh process, one after another, in one run:
      efficientnet-lite0 runner, torch on 2 threads) in a plain loop over the listing
   P+ P with the glibc malloc settings distinfer's workers run with (worker/process.py:
      MALLOC_ENV; without them most of the model's time goes to mapping fresh pages)
-  W  one worker (1 thread): the same loop on 1 thread over the first 400 images, with the
+  W  one worker (1 thread): the same loop on 1 thread over the first half of the images (a
+     worker's share), with the
      workers' malloc settings: the per-worker throughput of the ideal `2 x W`
   W2 two copies of W at once: what this machine gives two independent single-thread
      processes (shared caches and memory bandwidth), the ideal's reachable part
@@ -227,8 +228,9 @@ def main() -> int:
         mb = sum(p.stat().st_size for p in folder.glob("*.jpg")) / 1e6
         p = run_json(ONE_PROCESS, str(listing), str(n), "2", "decode")
         pw = run_json(ONE_PROCESS, str(listing), str(n), "2", env=worker_env())
-        w = run_json(ONE_PROCESS, str(listing), str(min(n, 400)), "1", env=worker_env())
-        w2 = run_two(ONE_PROCESS, str(listing), str(min(n, 400)), "1")
+        share = str(max(1, n // 2))  # one worker's share of the job
+        w = run_json(ONE_PROCESS, str(listing), share, "1", env=worker_env())
+        w2 = run_two(ONE_PROCESS, str(listing), share, "1")
         d = run_distinfer(folder, Path(tmp) / "d")
         dx = run_distinfer(folder, Path(tmp) / "dx", "--jpeg-draft", "off")
         r = run_json(RAY_DATA, str(folder), str(Path(tmp) / "ray"))
