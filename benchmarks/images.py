@@ -10,8 +10,8 @@ Contenders, each in a fresh process, one after another, in one run:
   P+ P with the glibc malloc settings distinfer's workers run with (worker/process.py:
      MALLOC_ENV; without them most of the model's time goes to mapping fresh pages)
   W  one worker (1 thread): the same loop on 1 thread over the first half of the images (a
-     worker's share), with the
-     workers' malloc settings: the per-worker throughput of the ideal `2 x W`
+     worker's share), with the workers' malloc settings: the per-worker throughput of the
+     ideal `2 x W`
   W2 two copies of W at once: what this machine gives two independent single-thread
      processes (shared caches and memory bandwidth), the ideal's reachable part
   D  `distinfer run --model efficientnet-lite0 --input DIR --workers 2` (1 thread each)
