@@ -149,18 +149,14 @@ def _bench(
     from .data.sources import open_source, plan_blocks
     from .models.base import StageTimer, run_block
     from .models.families import load_runner, parse_model
+    from .models.images import with_image_defaults
     from .worker.process import limit_threads
     from .worker.replica import read_inputs
 
     limit_threads(threads)
     spec = parse_model(model)
     source = open_source(input, input_format)
-    runner = load_runner(spec, threads)
-    if source.format == "images" or spec.family.takes_images:  # decoded as a job's workers do
-        from .messages import ImageOptions
-        from .models.images import ImageRunner
-
-        runner = ImageRunner(runner, ImageOptions().over(spec.family.image_defaults(spec)))
+    runner = with_image_defaults(load_runner(spec, threads), spec, source.format == "images")
     binding = runner.bind(source.columns, column)
     blocks = plan_blocks(source, max(rows, 1), max(rows, 1))
     if not blocks:

@@ -139,6 +139,7 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
         from ..data.sink import write_part
         from ..data.sources import open_source
         from ..models.families import load_runner, parse_model
+        from ..models.images import with_image_defaults
         from ..worker.replica import read_inputs
 
         spec = parse_model(req.model)
@@ -152,11 +153,8 @@ def _child(conn: Connection, req: ProfileRequest, threads: int, spawned: float, 
             from ..worker.tensor import TensorParallelRunner
 
             group = TensorParallelRunner(spec, ranks, threads)
-        runner: Runner = group or load_runner(spec, threads)
-        if source.format == "images" or spec.family.takes_images:  # decoded as a job's workers do
-            from ..models.images import ImageOptions, ImageRunner
-
-            runner = ImageRunner(runner, ImageOptions().over(spec.family.image_defaults(spec)))
+        runner: Runner = with_image_defaults(group or load_runner(spec, threads), spec,
+                                             source.format == "images")
         binding = runner.bind(source.columns, req.column)
         tokens: list[float] = []  # generation: the mean tokens generated per row, each pass
 

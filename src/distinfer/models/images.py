@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,8 +26,12 @@ from ..errors import ModelError, ModelInputError
 from ..messages import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, Layout
 from .base import Batches, Column, Runner, TensorInfo, never
 
+if TYPE_CHECKING:
+    from .family import ModelSpec
+
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageOptions", "ImageRunner", "Layout", "decode_image", "normalise",
+    "with_image_defaults",
 ]  # fmt: skip
 
 def _pil() -> Any:
@@ -74,7 +78,7 @@ def decode_image(value: str | bytes, options: ImageOptions) -> np.ndarray:
                               "restore it or drop the row") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if type(exc).__name__ == "UnidentifiedImageError":
+        if isinstance(exc, Image.UnidentifiedImageError):
             reason = "not an image file Pillow can read"
         raise ModelInputError(f"{what} cannot be decoded ({reason}); fix or remove the file") from None
 
@@ -159,3 +163,13 @@ class ImageRunner(Runner):
     @property
     def hosts(self) -> tuple[str, ...]:
         return tuple(getattr(self.inner, "hosts", ()))
+
+
+def with_image_defaults(runner: Runner, spec: ModelSpec, listing: bool) -> Runner:
+    """`runner` behind image decoding with its family's own settings (else the defaults) when
+    its rows are images (an image listing, or a family that takes images), else `runner`: for
+    the processes that measure a model as a job's workers run it (`distinfer bench`, the
+    profiler), which take no image options."""
+    if not (listing or spec.family.takes_images):
+        return runner
+    return ImageRunner(runner, ImageOptions().over(spec.family.image_defaults(spec)))
